@@ -1,0 +1,1 @@
+"""The accept path: validating sends and queueing them in Redis."""

@@ -1,0 +1,221 @@
+"""The accept path: valid messages into their numbers' lanes, one script call per shard.
+
+A single send is one `push` call (two with an Idempotency-Key). A batch groups its valid messages
+by shard and by number and runs one `push` per shard, concurrently; that is what makes a batch
+far cheaper per message than single sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway import ids, keys, metrics
+from gateway.accept.validation import Outbound, parse_message
+from gateway.errors import (
+    ApiError,
+    FieldProblem,
+    StoreUnavailable,
+    backlog_full,
+    invalid_request,
+    phone_number_deleted,
+    unavailable,
+    unknown_phone_number,
+)
+from gateway.settings import Settings
+from gateway.store import Store, unavailable_on_redis_errors
+
+IDEMPOTENCY_TTL_S = 86_400
+MAX_IDEMPOTENCY_KEY = 255
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An Idempotency-Key, scoped to the API key that sent it."""
+
+    scope: str
+    key: str
+
+    @classmethod
+    def from_header(cls, value: str, api_key: str) -> Idempotency:
+        if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY:
+            raise invalid_request([FieldProblem("Idempotency-Key", "must be 1-255 characters")])
+        scope = hashlib.sha256(api_key.encode()).hexdigest()[:16]
+        return cls(scope, value)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    id: str
+    phone_number_id: str
+    replayed: bool = False
+
+    def body(self) -> dict[str, str]:
+        return {"id": self.id, "status": "queued", "phone_number_id": self.phone_number_id}
+
+
+def _group_error(code: str, pn: str, limit: int) -> ApiError:
+    if code == "unknown":
+        return unknown_phone_number(pn)
+    if code == "deleted":
+        return phone_number_deleted(pn)
+    return backlog_full(pn, limit)
+
+
+class Acceptor:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.max_backlog = settings.max_backlog
+
+    async def send(self, body: Any, idempotency: Idempotency | None) -> Accepted:
+        message = parse_message(body)
+        pn = message.phone_number_id
+        shard = keys.shard_of(pn, self.store.shards)
+        message_id = ids.new_id(shard)
+        idem_args: list[Any] = ["", "", "", 0]
+        marker = None
+        if idempotency is not None:
+            digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+            marker = await self._claim_key(idempotency, pn, digest)
+            idem_args = [idempotency.scope, idempotency.key, digest, IDEMPOTENCY_TTL_S]
+        reply = await self.store.script(
+            "push",
+            shard,
+            [self.max_backlog, *idem_args, pn, 1, *_message_args(message_id, message)],
+        )
+        outcome = reply[0].decode()
+        if outcome == "replay":
+            return Accepted(reply[1].decode(), pn, replayed=True)
+        if outcome == "conflict":
+            raise _idempotency_conflict()
+        accepted, tier = int(reply[1]), reply[2].decode()
+        if outcome != "ok" or accepted == 0:
+            if marker is not None:
+                await self._release_key(marker)
+            raise _group_error(outcome, pn, self.max_backlog)
+        metrics.MESSAGES_ACCEPTED.labels(message.category, tier).inc()
+        return Accepted(message_id, pn)
+
+    async def _claim_key(self, idempotency: Idempotency, pn: str, digest: str) -> str:
+        """Bind the key to this number and body for 24 h; 409 when it is bound to another.
+
+        The key's record of the first response lives in the number's shard (so `push` reads it
+        atomically); this marker catches the same key reused for another number.
+        """
+        marker = keys.idempotency_marker(idempotency.scope, idempotency.key)
+        value = f"{pn} {digest}"
+        with unavailable_on_redis_errors():
+            previous = await self.store.redis.set(
+                marker, value, nx=True, get=True, ex=IDEMPOTENCY_TTL_S
+            )
+        if isinstance(previous, bytes) and previous.decode() != value:
+            raise _idempotency_conflict()
+        return marker
+
+    async def _release_key(self, marker: str) -> None:
+        # A refused first request must not bind the key: the caller may fix it and retry.
+        with unavailable_on_redis_errors():
+            await self.store.redis.delete(marker)
+
+    async def send_batch(self, body: Any) -> dict[str, Any]:
+        messages = _batch_messages(body)
+        results: list[dict[str, Any] | None] = [None] * len(messages)
+        by_shard: dict[int, dict[str, list[tuple[int, Outbound]]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        shards = self.store.shards
+        for index, raw in enumerate(messages):
+            try:
+                message = parse_message(raw)
+            except ApiError as exc:
+                results[index] = exc.body()
+                continue
+            pn = message.phone_number_id
+            by_shard[keys.shard_of(pn, shards)][pn].append((index, message))
+
+        replies = await asyncio.gather(
+            *(self._push_shard(shard, groups) for shard, groups in by_shard.items()),
+            return_exceptions=True,
+        )
+        accepted_by_label: Counter[tuple[str, str]] = Counter()
+        store_down = False
+        for groups, reply in zip(by_shard.values(), replies, strict=True):
+            if isinstance(reply, StoreUnavailable):
+                store_down = True
+                for group in groups.values():
+                    for index, _ in group:
+                        results[index] = unavailable().body()
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            message_ids, outcome = reply
+            for (pn, group), (code, accepted, tier) in zip(groups.items(), outcome, strict=True):
+                for position, (index, message) in enumerate(group):
+                    if position < accepted:
+                        results[index] = {"id": message_ids[index], "status": "queued"}
+                        accepted_by_label[(message.category, tier)] += 1
+                    else:
+                        results[index] = _group_error(code, pn, self.max_backlog).body()
+        total = sum(accepted_by_label.values())
+        if store_down and total == 0:
+            raise unavailable()
+        for (category, tier), count in accepted_by_label.items():
+            metrics.MESSAGES_ACCEPTED.labels(category, tier).inc(count)
+        return {"accepted": total, "rejected": len(messages) - total, "results": results}
+
+    async def _push_shard(
+        self, shard: int, groups: dict[str, list[tuple[int, Outbound]]]
+    ) -> tuple[dict[int, str], list[tuple[str, int, str]]]:
+        count = sum(len(group) for group in groups.values())
+        fresh = iter(ids.new_ids(shard, count))
+        message_ids: dict[int, str] = {}
+        args: list[Any] = [self.max_backlog, "", "", "", 0]
+        for pn, group in groups.items():
+            args += [pn, len(group)]
+            for index, message in group:
+                message_id = next(fresh)
+                message_ids[index] = message_id
+                args += _message_args(message_id, message)
+        reply = await self.store.script("push", shard, args)
+        outcome = [
+            (reply[i].decode(), int(reply[i + 1]), reply[i + 2].decode())
+            for i in range(0, len(reply), 3)
+        ]
+        return message_ids, outcome
+
+
+def _message_args(message_id: str, message: Outbound) -> list[Any]:
+    return [
+        message_id,
+        message.lane_list,
+        message.category,
+        message.payload,
+        message.reference,
+        message.ttl_seconds,
+    ]
+
+
+def _batch_messages(body: Any) -> list[Any]:
+    if not isinstance(body, dict):
+        raise invalid_request([FieldProblem("body", "must be a JSON object")])
+    extra = [name for name in body if name != "messages"]
+    if extra:
+        raise invalid_request([FieldProblem(name, "is not a field of a batch") for name in extra])
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_BATCH:
+        raise invalid_request([FieldProblem("messages", "must be a list of 1 to 1000 messages")])
+    return messages
+
+
+def _idempotency_conflict() -> ApiError:
+    return ApiError(
+        409,
+        "idempotency_conflict",
+        "This Idempotency-Key was already used with a different request body.",
+    )

@@ -1,0 +1,27 @@
+"""The aiohttp application factory for the HTTP API."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.api import events, messages, ops, phone_numbers
+from gateway.api.auth import KeyRing
+from gateway.api.http import MAX_BODY
+from gateway.api.middleware import make_middleware
+from gateway.api.state import SERVICES, Services
+from gateway.settings import Settings
+from gateway.store import Store
+
+
+def create_app(settings: Settings, store: Store, *, api: bool = True) -> web.Application:
+    """The API of API.md over `store` (only the operations routes when not `api`).
+
+    The caller owns the store and closes it.
+    """
+    ring = KeyRing(settings.api_keys, settings.admin_keys)
+    app = web.Application(middlewares=[make_middleware(ring)], client_max_size=MAX_BODY)
+    app[SERVICES] = Services.build(settings, store)
+    tables = [messages.routes, phone_numbers.routes, events.routes] if api else []
+    for table in [*tables, ops.routes]:
+        app.router.add_routes(table)
+    return app

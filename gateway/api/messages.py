@@ -1,0 +1,48 @@
+"""Routes of /v1/messages: send, batch, status and cancel."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.accept.service import Idempotency
+from gateway.api.http import BATCH_BODY, MESSAGE_BODY, json_response, read_json
+from gateway.api.state import SERVICES
+from gateway.errors import FieldProblem, invalid_request
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/messages")
+async def send(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = await read_json(request, MESSAGE_BODY)
+    header = request.headers.get("Idempotency-Key")
+    idempotency = None if header is None else Idempotency.from_header(header, request["api_key"])
+    accepted = await services.acceptor.send(body, idempotency)
+    headers = {"Idempotent-Replayed": "true"} if accepted.replayed else None
+    return json_response(accepted.body(), 202, headers)
+
+
+@routes.post("/v1/messages/batch")
+async def send_batch(request: web.Request) -> web.Response:
+    if "Idempotency-Key" in request.headers:
+        raise invalid_request(
+            [
+                FieldProblem(
+                    "Idempotency-Key",
+                    "is supported on POST /v1/messages only; a batch is not idempotent",
+                )
+            ]
+        )
+    body = await read_json(request, BATCH_BODY)
+    return json_response(await request.app[SERVICES].acceptor.send_batch(body))
+
+
+@routes.get("/v1/messages/{id}")
+async def get_status(request: web.Request) -> web.Response:
+    return json_response(await request.app[SERVICES].messages.get(request.match_info["id"]))
+
+
+@routes.delete("/v1/messages/{id}")
+async def cancel(request: web.Request) -> web.Response:
+    return json_response(await request.app[SERVICES].messages.cancel(request.match_info["id"]))

@@ -1,0 +1,79 @@
+"""The one middleware every request passes: auth, error shape, and HTTP metrics.
+
+Errors leave in API.md's shape whatever raised them: `ApiError` as itself, Redis being
+unreachable as `503 unavailable`, aiohttp's own HTTP errors (no route, wrong method, body too
+large) translated, and anything else — a bug — logged with its traceback and answered as a
+generic 500 that shows no internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway import metrics
+from gateway.api.auth import KeyRing, authenticate
+from gateway.api.http import MAX_BODY, error_response, payload_too_large
+from gateway.errors import ApiError, StoreUnavailable, unavailable
+
+log = logging.getLogger("gateway.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# A request that needs Redis answers within this, even if Redis hangs rather than refuses.
+REQUEST_DEADLINE_S = 1.9
+
+_HTTP_CODES = {
+    404: ("not_found", "No such route."),
+    405: ("method_not_allowed", "This route does not take that method."),
+}
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    if isinstance(info, web.UrlMappingMatchInfo) and info.http_exception is None:
+        return info.route.resource.canonical if info.route.resource else "unmatched"
+    return "unmatched"
+
+
+def _translate(exc: web.HTTPException) -> ApiError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return payload_too_large(MAX_BODY)
+    code, message = _HTTP_CODES.get(exc.status, ("invalid_request", exc.reason))
+    return ApiError(exc.status, code, message)
+
+
+def make_middleware(ring: KeyRing) -> Middleware:
+    @web.middleware
+    async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            request["api_key"] = authenticate(request, ring)
+            async with asyncio.timeout(REQUEST_DEADLINE_S):
+                response = await handler(request)
+        except ApiError as exc:
+            response = error_response(exc)
+        except (StoreUnavailable, TimeoutError) as exc:
+            metrics.REDIS_ERRORS.inc()
+            log.warning("redis unavailable for %s %s: %s", request.method, request.path, exc)
+            response = error_response(unavailable())
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(_translate(exc))
+        except Exception:
+            log.exception("unhandled error for %s %s", request.method, request.path)
+            response = error_response(
+                ApiError(500, "internal", "The gateway failed to answer; this is a bug.")
+            )
+        route = _route_label(request)
+        metrics.HTTP_REQUESTS.labels(route, str(response.status)).inc()
+        metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    return gateway_middleware

@@ -1,0 +1,124 @@
+"""The `gateway` command: run, api, worker, sandbox.
+
+Every setting of `gateway.settings.Settings` is a flag of every subcommand (and of `gateway`
+itself, which means `gateway run`); `--help` shows each with its environment variable and
+default. Heavy modules are imported only after the metrics directory is chosen, because
+prometheus_client picks its storage when it is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gateway import __version__, logs
+from gateway.errors import GatewayError
+from gateway.settings import FIELDS, Settings, env_name, flag_name, load
+
+log = logging.getLogger("gateway.cli")
+
+COMMANDS = {
+    "run": "Serve the API and drain the queues, in GATEWAY_WORKERS processes (the default).",
+    "api": "Serve the API only.",
+    "worker": "Drain the queues only (serves /healthz, /readyz and /metrics on the port).",
+    "sandbox": "Serve the simulated WhatsApp Cloud API on the port (for tests and benchmarks).",
+}
+
+
+def _default_text(field: dataclasses.Field[Any]) -> str:
+    if field.metadata["secret"]:
+        return "unset"
+    if field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        value = field.default
+    if value is None or value == ():
+        return "unset"
+    return str(value)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (flag > environment > default)")
+    for field in FIELDS:
+        group.add_argument(
+            flag_name(field.name),
+            dest=field.name,
+            metavar=field.name.split("_")[-1].upper(),
+            default=argparse.SUPPRESS,
+            help=(
+                f"{field.metadata['help']} "
+                f"[{env_name(field.name)}; default: {_default_text(field)}]"
+            ),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="WhatsApp Business send gateway. Without a command: `gateway run`.",
+    )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    _add_setting_flags(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_setting_flags(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command", None) or "run"
+    try:
+        settings = load(overrides={k: v for k, v in args.items() if v is not None})
+    except GatewayError as exc:
+        parser.error(str(exc))
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        if command == "sandbox":
+            return _sandbox(settings)
+        return _serve(settings, command)
+    except GatewayError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+def _serve(settings: Settings, command: str) -> int:
+    from gateway.supervisor import prepare_metrics_dir
+
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prepare_metrics_dir(settings.data_dir))
+    from gateway.process import Role
+    from gateway.supervisor import Supervisor
+
+    return Supervisor(settings, Role(command)).run()
+
+
+def _sandbox(settings: Settings) -> int:
+    import uvloop
+
+    from gateway.sandbox import start_sandbox
+
+    async def serve() -> None:
+        runner, url = await start_sandbox(settings.host, settings.port)
+        log.info("sandbox Cloud API at %s (use it as GATEWAY_UPSTREAM_URL)", url)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Prometheus metrics of every gateway process of a host.
+
+`gateway` sets PROMETHEUS_MULTIPROC_DIR before this module is imported (prometheus_client chooses
+its storage at import), so each process writes its samples to files there and any process serves
+all of them at `/metrics`. Labels are bounded sets (tier, lane, category, outcome, route, ...);
+never a message id or recipient. Gauges that describe Redis (queue depth, numbers, capacity) are
+published by one process every few seconds, so they use the "most recent" mode.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_DELAY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+)
+
+MESSAGES_ACCEPTED = Counter(
+    "gateway_messages_accepted", "Messages accepted (202 or batch result).", ["category", "tier"]
+)
+MESSAGES_SENT = Counter("gateway_messages_sent", "Messages the upstream accepted.", ["tier"])
+MESSAGES_FAILED = Counter(
+    "gateway_messages_failed",
+    "Messages that ended without being sent, by reason "
+    "(permanent, retries_exhausted, expired, canceled, phone_number_deleted).",
+    ["reason"],
+)
+UPSTREAM_REQUESTS = Counter(
+    "gateway_upstream_requests", "Requests to the Cloud API, by outcome class.", ["outcome"]
+)
+UPSTREAM_DURATION = Histogram(
+    "gateway_upstream_request_duration_seconds",
+    "Duration of one Cloud API request.",
+    buckets=_LATENCY_BUCKETS,
+)
+SEND_DELAY = Histogram(
+    "gateway_send_delay_seconds",
+    "From accept to the upstream's answer for sent messages.",
+    buckets=_DELAY_BUCKETS,
+)
+RATE_LIMITED = Counter(
+    "gateway_rate_limited",
+    "Sends deferred by a number's rate limit (a take found the number's window full).",
+    ["tier"],
+)
+NUMBER_PAUSED = Counter(
+    "gateway_number_paused",
+    "Times a number was paused or held by an upstream answer, by reason.",
+    ["reason"],
+)
+HTTP_REQUESTS = Counter(
+    "gateway_http_requests", "HTTP requests answered, by route and status.", ["route", "status"]
+)
+HTTP_DURATION = Histogram(
+    "gateway_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route.",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+REDIS_ERRORS = Counter("gateway_redis_errors", "Operations that found Redis unreachable.")
+
+QUEUE_DEPTH = Gauge(
+    "gateway_queue_depth",
+    "Queued messages, by tier and lane.",
+    ["tier", "lane"],
+    multiprocess_mode="livemostrecent",
+)
+INFLIGHT = Gauge(
+    "gateway_inflight",
+    "Messages handed to workers and not yet settled.",
+    multiprocess_mode="livemostrecent",
+)
+NUMBERS = Gauge(
+    "gateway_numbers",
+    "Registered phone numbers, by status and tier.",
+    ["status", "tier"],
+    multiprocess_mode="livemostrecent",
+)
+TIER_CAPACITY = Gauge(
+    "gateway_tier_capacity_messages_per_second",
+    "Sum of the rate in force of active numbers, by tier (unlimited counts 0).",
+    ["tier"],
+    multiprocess_mode="livemostrecent",
+)
+BACKLOG_ETA = Gauge(
+    "gateway_backlog_eta_seconds",
+    "The longest time any number of the tier needs to drain its backlog at its rate.",
+    ["tier"],
+    multiprocess_mode="livemostrecent",
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition of every process of this host (or of this one without a shared dir)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

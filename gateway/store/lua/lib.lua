@@ -1,0 +1,60 @@
+-- Shared helpers, loaded after the key-name prelude and before every script.
+-- Message hash fields: pn number, s status, c category, l lane (h|n|l), p upstream payload,
+-- ca created ms, ua updated ms, r client_reference, x expiry ms, a attempts, f fence
+-- (bumped at every hand-over, so a late worker cannot settle a newer attempt), sa sent ms,
+-- w upstream message id, e error JSON.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The lane list a message waits on: its lane, with "m" for marketing.
+local function list_of(lane, category)
+  if category == 'marketing' then return lane .. 'm' end
+  return lane
+end
+
+-- Ends a message that is still `queued` (in a lane list or in its retry set) with a terminal
+-- status. A message in a lane list stays there as a dead entry, counted in cfg `d_<list>` so
+-- queue depths stay right, and is dropped when the drain pops it.
+local function end_queued(id, pn, list, status, now, retention, error_json)
+  local k = key_msg(id)
+  if redis.call('ZREM', key_retry(pn), id) == 0 then
+    redis.call('HINCRBY', key_cfg(pn), 'd_' .. list, 1)
+  end
+  if error_json then
+    redis.call('HSET', k, 's', status, 'ua', now, 'e', error_json)
+  else
+    redis.call('HSET', k, 's', status, 'ua', now)
+  end
+  redis.call('EXPIRE', k, retention)
+end
+
+-- Queued messages of a number: lane lists minus their dead entries.
+local function lane_depth(pn, list)
+  local cfg = key_cfg(pn)
+  local n = redis.call('LLEN', key_lane(pn, list)) - tonumber(redis.call('HGET', cfg, 'd_' .. list) or '0')
+  if n < 0 then return 0 end
+  return n
+end
+
+local ALL_LISTS = {'h', 'hm', 'n', 'nm', 'l', 'lm'}
+
+local function total_depth(pn)
+  local n = 0
+  for _, list in ipairs(ALL_LISTS) do n = n + lane_depth(pn, list) end
+  return n
+end
+
+-- Puts a number on the ready set no later than `at` (never later than it already is), and
+-- leaves a wake token when that changed anything. A number that must wait (paced or paused,
+-- cfg `nx`) is scheduled at that time instead.
+local function mark_ready(pn, at)
+  local nx = tonumber(redis.call('HGET', key_cfg(pn), 'nx') or '0')
+  if nx > at then at = nx end
+  if redis.call('ZADD', key_ready(), 'LT', 'CH', at, pn) > 0 then
+    redis.call('LPUSH', key_wake(), '1')
+    redis.call('LTRIM', key_wake(), 0, 0)
+  end
+end
