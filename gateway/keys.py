@@ -19,11 +19,11 @@ Per shard (`{gw:sN}:` + ...):
     lease           ZSET  message id -> lease deadline (ms) of messages handed to a worker.
     wake            LIST  at most one token: "something in this shard became ready".
     owner           STRING  id of the worker process draining this shard (short lease).
+    members         ZSET  (shard 0 only) worker id -> heartbeat deadline (ms), server clock.
 Global (own slots; never used inside a script):
     gw:numbers           ZSET   every registered phone_number_id (score 0, ordered by name).
     gw:idem:<scope>:<key> STRING pn and body hash of an idempotency key, to detect reuse.
     gw:event:<id>        STRING a webhook event id already applied (7 days).
-    gw:workers           ZSET   worker id -> heartbeat deadline (ms).
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ _SHARD_TEMPLATES: dict[str, str] = {
     "lease": "lease",
     "wake": "wake",
     "owner": "owner",
+    "members": "members",
 }
 
 NUMBERS = f"{NAMESPACE}:numbers"
-WORKERS = f"{NAMESPACE}:workers"
 
 
 def shard_of(phone_number_id: str, shards: int) -> int:
@@ -106,6 +106,10 @@ def owner(shard: int) -> str:
     return f"{prefix(shard)}owner"
 
 
+def members() -> str:
+    return f"{prefix(0)}members"
+
+
 def idempotency_marker(scope: str, key: str) -> str:
     return f"{NAMESPACE}:idem:{scope}:{key}"
 
@@ -154,6 +158,7 @@ def _check_templates() -> None:
         "lease": lease(0),
         "wake": wake(0),
         "owner": owner(0),
+        "members": members(),
     }
     for name, built in builders.items():
         expected = prefix(0) + _SHARD_TEMPLATES[name].format(**sample)

@@ -19,6 +19,10 @@ from aiohttp import web
 
 from gateway import logs
 from gateway.api.app import create_app
+from gateway.drain.rates import RegistryRates
+from gateway.drain.upstream import CloudApi
+from gateway.drain.worker import Drain
+from gateway.sandbox import start_sandbox
 from gateway.settings import Settings
 from gateway.store import Store
 
@@ -71,11 +75,38 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
 
     assert settings.redis_url is not None
     store = Store.from_settings(settings, settings.redis_url)
-    runner = None
+    runner: web.AppRunner | None = None
+    sandbox: web.AppRunner | None = None
+    api: CloudApi | None = None
+    drain: Drain | None = None
     try:
+        if role is not Role.API:
+            upstream_url = settings.upstream_url
+            if upstream_url is None:
+                sandbox, upstream_url = await start_sandbox("127.0.0.1", 0, RegistryRates(store))
+            api = CloudApi(
+                upstream_url,
+                settings.upstream_token,
+                timeout_s=settings.upstream_timeout,
+                pool_size=settings.worker_concurrency,
+                max_mps=settings.upstream_max_mps,
+            )
+            await api.start()
+            drain = Drain(settings, store, api)
+            await drain.start(on_fatal=stop.set)
         runner = await _start_http(settings, store, role, index)
         await stop.wait()
     finally:
+        # Fixed order: stop accepting, stop draining, finish requests, close clients.
+        if runner is not None:
+            for site in list(runner.sites):
+                await site.stop()
+        if drain is not None:
+            await drain.stop()
         if runner is not None:
             await runner.cleanup()
+        if api is not None:
+            await api.close()
+        if sandbox is not None:
+            await sandbox.cleanup()
         await store.close()

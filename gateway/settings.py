@@ -137,6 +137,12 @@ class Settings:
     rate_headroom: float = _setting(
         0.0, "Fraction of each number's rate kept free (e.g. 0.1).", float
     )
+    rate_slack: float = _setting(
+        0.015,
+        "How much longer than 1 s each rate window is (e.g. 15ms). It must exceed the jitter "
+        "between a grant and its arrival upstream; the sustained rate is 1 s / (1 s + slack).",
+        parse_duration,
+    )
     max_attempts: int = _setting(8, "Upstream attempts before a message fails.", int)
     retry_base: float = _setting(
         1.0, "First retry delay after a transient error (doubles, capped at 5 min).", parse_duration
@@ -192,6 +198,8 @@ class Settings:
             problems.append("upstream_max_mps must be positive")
         if not 0 < self.port < 65536:
             problems.append("port must be between 1 and 65535")
+        if not 0.001 <= self.rate_slack <= 0.5:
+            problems.append("rate_slack must be between 1ms and 500ms")
         if self.worker_concurrency < 1:
             problems.append("worker_concurrency must be at least 1")
         if problems:

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from gateway.accept.service import Idempotency
 from gateway.api.http import BATCH_BODY, MESSAGE_BODY, json_response, read_json
-from gateway.api.state import SERVICES
+from gateway.api.state import API_KEY, SERVICES
 from gateway.errors import FieldProblem, invalid_request
 
 routes = web.RouteTableDef()
@@ -17,7 +17,7 @@ async def send(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     body = await read_json(request, MESSAGE_BODY)
     header = request.headers.get("Idempotency-Key")
-    idempotency = None if header is None else Idempotency.from_header(header, request["api_key"])
+    idempotency = None if header is None else Idempotency.from_header(header, request[API_KEY])
     accepted = await services.acceptor.send(body, idempotency)
     headers = {"Idempotent-Replayed": "true"} if accepted.replayed else None
     return json_response(accepted.body(), 202, headers)

@@ -19,6 +19,7 @@ from aiohttp.typedefs import Middleware
 from gateway import metrics
 from gateway.api.auth import KeyRing, authenticate
 from gateway.api.http import MAX_BODY, error_response, payload_too_large
+from gateway.api.state import API_KEY
 from gateway.errors import ApiError, StoreUnavailable, unavailable
 
 log = logging.getLogger("gateway.api")
@@ -53,7 +54,9 @@ def make_middleware(ring: KeyRing) -> Middleware:
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         try:
-            request["api_key"] = authenticate(request, ring)
+            presented = authenticate(request, ring)
+            if presented is not None:
+                request[API_KEY] = presented
             async with asyncio.timeout(REQUEST_DEADLINE_S):
                 response = await handler(request)
         except ApiError as exc:

@@ -27,3 +27,5 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+# The bearer key the request presented (None on routes outside the key scheme).
+API_KEY = web.RequestKey("api_key", str)

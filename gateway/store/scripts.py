@@ -11,11 +11,12 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
 from gateway import keys
 
-NAMES = ("push", "status", "cancel", "number_put", "purge")
+NAMES = ("push", "status", "cancel", "number_put", "purge", "take", "settle", "claim", "members")
 
 
 def source(name: str) -> str:
@@ -33,3 +34,7 @@ class Scripts:
 
     async def run(self, name: str, shard: int, args: list[Any]) -> Any:
         return await self._scripts[name](keys=[keys.prefix(shard)], args=args)
+
+    async def run_in(self, pipe: Pipeline, name: str, shard: int, args: list[Any]) -> None:
+        """Queue a script call on a pipeline (redis-py loads it first if the server lacks it)."""
+        await self._scripts[name](keys=[keys.prefix(shard)], args=args, client=pipe)

@@ -1,0 +1,101 @@
+-- settle: record what became of messages a worker took; many messages of one shard per call.
+-- ARGV: retention_s, then 5 per op: kind, id, fence, a, b
+--   S sent      a = upstream message id
+--   R retry     a = delay ms, b = last error JSON
+--   Q requeue   a = pause: '' none, 'throttle' (1 s, doubling while it repeats, cap 60 s) or ms;
+--               b = grant stamp to give back to the rate window ('' none)
+--   F fail      a = error JSON
+--   H hold      a = the number's new status (e.g. 'disconnected')
+-- Q and H put the message back at the head of its lane with its attempt not spent.
+-- An op whose fence is not the message's current one is stale (the lease ran out and another
+-- attempt owns the message) and changes nothing.
+-- Returns one code per op: 0 stale, 1 done, 2 ended `expired` instead of waiting for a retry.
+local now = now_ms()
+local retention = tonumber(ARGV[1])
+local results = {}
+
+local function count_sent(pn)
+  local sent = key_sent(pn)
+  local second = math.floor(now / 1000)
+  redis.call('HINCRBY', sent, second, 1)
+  redis.call('EXPIRE', sent, 120)
+  if redis.call('HLEN', sent) > 90 then
+    for _, field in ipairs(redis.call('HKEYS', sent)) do
+      if tonumber(field) < second - 60 then redis.call('HDEL', sent, field) end
+    end
+  end
+end
+
+local function pause(pn, how)
+  local cfg = key_cfg(pn)
+  local ms = 0
+  if how == 'throttle' then
+    local nx = tonumber(redis.call('HGET', cfg, 'nx') or '0')
+    if nx <= now then
+      -- not paused yet: this answer starts (or doubles) the pause; its siblings in flight don't
+      local backoff = tonumber(redis.call('HGET', cfg, 'tb') or '0')
+      if backoff == 0 then backoff = 1000 else backoff = math.min(backoff * 2, 60000) end
+      redis.call('HSET', cfg, 'tb', backoff)
+      ms = backoff
+    end
+  elseif how ~= '' then
+    ms = tonumber(how)
+  end
+  if ms > 0 then
+    redis.call('HSET', cfg, 'nx', now + ms)
+    redis.call('ZADD', key_ready(), now + ms, pn)
+    -- the owner may be asleep with nothing due in this shard: wake it to learn the new time
+    redis.call('LPUSH', key_wake(), '1')
+    redis.call('LTRIM', key_wake(), 0, 0)
+  else
+    mark_ready(pn, now)
+  end
+end
+
+for i = 2, #ARGV, 5 do
+  local kind, id, fence, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local k = key_msg(id)
+  local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a')
+  if m[1] ~= 'sending' or m[2] ~= fence then
+    results[#results + 1] = 0
+  else
+    local pn = m[3]
+    local cfg = key_cfg(pn)
+    redis.call('ZREM', key_lease(), id)
+    if redis.call('HINCRBY', cfg, 'inflight', -1) < 0 then redis.call('HSET', cfg, 'inflight', 0) end
+    local code = 1
+    if kind == 'S' then
+      redis.call('HSET', k, 's', 'sent', 'sa', now, 'ua', now, 'w', a)
+      redis.call('HDEL', k, 'e')
+      redis.call('EXPIRE', k, retention)
+      redis.call('HDEL', cfg, 'tb')
+      count_sent(pn)
+    elseif kind == 'F' then
+      redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', a)
+      redis.call('EXPIRE', k, retention)
+    elseif kind == 'R' then
+      local due = now + tonumber(a)
+      if m[6] and tonumber(m[6]) <= due then
+        redis.call('HSET', k, 's', 'expired', 'ua', now, 'e', b)
+        redis.call('EXPIRE', k, retention)
+        code = 2
+      else
+        redis.call('HSET', k, 's', 'queued', 'ua', now, 'e', b)
+        redis.call('ZADD', key_retry(pn), due, id)
+        mark_ready(pn, due)
+      end
+    else
+      redis.call('HSET', k, 's', 'queued', 'ua', now, 'a', math.max(tonumber(m[7] or '1') - 1, 0))
+      redis.call('LPUSH', key_lane(pn, list_of(m[4], m[5])), id)
+      if kind == 'Q' then
+        if b ~= '' then redis.call('LREM', key_window(pn), 1, b) end
+        pause(pn, a)
+      else
+        redis.call('HSET', cfg, 'status', a, 'updated_at', now)
+        redis.call('ZREM', key_ready(), pn)
+      end
+    end
+    results[#results + 1] = code
+  end
+end
+return results

@@ -1,0 +1,211 @@
+-- take: hand a worker the messages of one shard that may be sent now, within each number's
+-- rate, and lease them to it.
+-- ARGV: budget (most messages to hand out), max_numbers, lease_ms, window_ms, pace_ms,
+--       headroom, unlimited_chunk, retention_s
+-- Returns {now_ms, next_due_ms (-1: nothing scheduled), expired, tiers of the numbers whose
+--          window was full (comma-separated), n_groups,
+--          per group: pn, limit (0 = unlimited), tier, access_token ('' = none), n_items,
+--          per item: id, fence, attempts, payload, created_ms, expires_ms ('' = none)}.
+--
+-- The rate is a sliding-window log (cfg `rl:<pn>`: grant times, newest first, at most `limit`
+-- entries): granting k more is allowed when the entry at index limit - k is older than the
+-- window, so no window of `window_ms` ever holds more than `limit` grants. Grants are paced:
+-- about limit * pace_ms / 1000 per take, up to twice that to catch up after a late take.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now_i = math.floor(now)
+local budget = tonumber(ARGV[1])
+local max_numbers = tonumber(ARGV[2])
+local lease_ms = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+local pace = tonumber(ARGV[5])
+local headroom = tonumber(ARGV[6])
+local unlimited_chunk = tonumber(ARGV[7])
+local retention = tonumber(ARGV[8])
+local expired, rate_limited = 0, {}
+local ready, lease = key_ready(), key_lease()
+
+local function ms(x) return string.format('%.3f', x) end
+
+-- Leases that ran out belong to a worker that died or hung: back to the head of their lane.
+local lapsed = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, 256)
+for _, id in ipairs(lapsed) do
+  redis.call('ZREM', lease, id)
+  local k = key_msg(id)
+  local m = redis.call('HMGET', k, 's', 'pn', 'l', 'c', 'f')
+  if m[1] == 'sending' then
+    redis.call('HSET', k, 's', 'queued', 'f', tonumber(m[5]) + 1, 'ua', now_i)
+    redis.call('LPUSH', key_lane(m[2], list_of(m[3], m[4])), id)
+    redis.call('HINCRBY', key_cfg(m[2]), 'inflight', -1)
+    mark_ready(m[2], now)
+  end
+end
+
+-- Pops the next message of a number: lanes high, normal, low; within a lane, the older of the
+-- heads of its plain and marketing lists (ids sort by creation), marketing skipped when held.
+local function pop_next(pn, hold_marketing)
+  for _, lane in ipairs({'h', 'n', 'l'}) do
+    local plain, marketing = key_lane(pn, lane), key_lane(pn, lane .. 'm')
+    local a = redis.call('LINDEX', plain, 0)
+    local b = false
+    if not hold_marketing then b = redis.call('LINDEX', marketing, 0) end
+    if a and (not b or a <= b) then
+      return redis.call('LPOP', plain), lane
+    elseif b then
+      return redis.call('LPOP', marketing), lane .. 'm'
+    end
+  end
+  return nil, nil
+end
+
+local function has_sendable(pn, hold_marketing)
+  for _, lane in ipairs({'h', 'n', 'l'}) do
+    if redis.call('LLEN', key_lane(pn, lane)) > 0 then return true end
+    if not hold_marketing and redis.call('LLEN', key_lane(pn, lane .. 'm')) > 0 then return true end
+  end
+  return false
+end
+
+local groups = {}
+local n_groups = 0
+local due = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, max_numbers)
+for _, pn in ipairs(due) do
+  if budget <= 0 then break end
+  local cfg = key_cfg(pn)
+  local c = redis.call('HMGET', cfg, 'status', 'quality_rating', 'rate', 'nx', 'throughput_tier',
+                       'access_token')
+  local nx = tonumber(c[4] or '0')
+  if c[1] ~= 'active' then
+    redis.call('ZREM', ready, pn)
+  elseif nx > now then
+    redis.call('ZADD', ready, ms(nx), pn)
+  else
+    local hold_marketing = c[2] == 'red'
+    local retry = key_retry(pn)
+    local back = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, 256)
+    for i = #back, 1, -1 do
+      local id = back[i]
+      local m = redis.call('HMGET', key_msg(id), 'l', 'c')
+      if m[1] then redis.call('LPUSH', key_lane(pn, list_of(m[1], m[2])), id) end
+      redis.call('ZREM', retry, id)
+    end
+
+    local rate = tonumber(c[3] or '0')
+    local limit = 0
+    if rate > 0 then limit = math.max(1, math.floor(rate * (1 - headroom) + 1e-9)) end
+    local chunk, want, log = 0, 0, nil
+    if limit > 0 then
+      chunk = math.max(1, math.ceil(limit * pace / 1000))
+      want = math.min(2 * chunk, budget, limit)
+      log = key_window(pn)
+      local olds = redis.call('LRANGE', log, limit - want, limit - 1)
+      local allowed = want
+      while allowed > 0 do
+        local e = olds[want - allowed + 1]
+        if not e or tonumber(e) <= now - window then break end
+        allowed = allowed - 1
+      end
+      want = allowed
+      if want == 0 then rate_limited[#rate_limited + 1] = c[5] or '' end
+    else
+      want = math.min(budget, unlimited_chunk)
+    end
+
+    local items = {}
+    local granted = 0
+    while granted < want do
+      local id, list = pop_next(pn, hold_marketing)
+      if not id then break end
+      local k = key_msg(id)
+      local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca')
+      if m[1] == 'queued' then
+        if m[2] and tonumber(m[2]) <= now then
+          redis.call('HSET', k, 's', 'expired', 'ua', now_i)
+          redis.call('EXPIRE', k, retention)
+          expired = expired + 1
+        else
+          local fence = tonumber(m[3] or '0') + 1
+          local attempts = tonumber(m[4] or '0') + 1
+          redis.call('HSET', k, 's', 'sending', 'f', fence, 'a', attempts, 'ua', now_i)
+          redis.call('ZADD', lease, ms(now + lease_ms), id)
+          items[#items + 1] = id
+          items[#items + 1] = fence
+          items[#items + 1] = attempts
+          items[#items + 1] = m[5]
+          items[#items + 1] = m[6]
+          items[#items + 1] = m[2] or ''
+          granted = granted + 1
+        end
+      elseif m[1] then
+        -- canceled or expired while it waited: a dead entry, no longer counted
+        if redis.call('HINCRBY', cfg, 'd_' .. list, -1) < 0 then
+          redis.call('HSET', cfg, 'd_' .. list, 0)
+        end
+      end
+    end
+
+    if granted > 0 then
+      budget = budget - granted
+      redis.call('HINCRBY', cfg, 'inflight', granted)
+      if limit > 0 then
+        local stamps = {}
+        for i = 1, granted do stamps[i] = ms(now) end
+        redis.call('LPUSH', log, unpack(stamps))
+        redis.call('LTRIM', log, 0, limit - 1)
+        redis.call('PEXPIRE', log, math.ceil(window) + 1000)
+      end
+      n_groups = n_groups + 1
+      groups[#groups + 1] = pn
+      groups[#groups + 1] = limit
+      groups[#groups + 1] = c[5] or ''
+      groups[#groups + 1] = c[6] or ''
+      groups[#groups + 1] = granted
+      for _, v in ipairs(items) do groups[#groups + 1] = v end
+    end
+
+    -- When may this number send next?
+    -- `nx` is "not before" (pacing, window, pause); a wait for a retry is only a ready score,
+    -- so that a new message is not held back behind it.
+    local next_at, not_before = nil, nil
+    if has_sendable(pn, hold_marketing) then
+      if limit > 0 then
+        -- paced from its previous schedule, so a late take does not slow the rate down
+        local base = now
+        if nx > now - pace then base = math.max(nx, now - pace) end
+        next_at = base + granted * 1000 / limit
+        if next_at < now then next_at = now end
+        local blocker = redis.call('LINDEX', log, limit - chunk)
+        if blocker and tonumber(blocker) + window > next_at then
+          next_at = tonumber(blocker) + window
+        end
+        not_before = next_at
+      else
+        next_at = now
+      end
+    else
+      local first_retry = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
+      if first_retry[2] then next_at = tonumber(first_retry[2]) end
+    end
+    if next_at then
+      redis.call('ZADD', ready, ms(next_at), pn)
+    else
+      redis.call('ZREM', ready, pn)
+    end
+    if not_before then
+      redis.call('HSET', cfg, 'nx', ms(not_before))
+    else
+      redis.call('HDEL', cfg, 'nx')
+    end
+  end
+end
+
+local next_due = -1
+local first = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
+if first[2] then next_due = tonumber(first[2]) end
+local first_lease = redis.call('ZRANGE', lease, 0, 0, 'WITHSCORES')
+if first_lease[2] and (next_due < 0 or tonumber(first_lease[2]) < next_due) then
+  next_due = tonumber(first_lease[2])
+end
+local out = {ms(now), ms(next_due), expired, table.concat(rate_limited, ','), n_groups}
+for _, v in ipairs(groups) do out[#out + 1] = v end
+return out
