@@ -10,6 +10,8 @@ published by one process every few seconds, so they use the "most recent" mode.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +23,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -134,10 +138,56 @@ BACKLOG_ETA = Gauge(
 )
 
 
+class HostProcesses(Collector):
+    """process_* metrics of every gateway process of this host, labelled by pid.
+
+    prometheus_client's own process collector describes only the scraped process; in
+    multiprocess mode the pids come from the files of the shared directory.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def _pids(self) -> list[int]:
+        pids = set()
+        for path in self.directory.glob("*.db"):
+            pid = path.stem.rsplit("_", 1)[-1]
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                pids.add(int(pid))
+        return sorted(pids)
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(
+            "process_cpu_seconds", "CPU time of a gateway process.", labels=["pid"]
+        )
+        rss = GaugeMetricFamily(
+            "process_resident_memory_bytes", "Resident memory of a gateway process.", labels=["pid"]
+        )
+        fds = GaugeMetricFamily(
+            "process_open_fds", "Open file descriptors of a gateway process.", labels=["pid"]
+        )
+        ticks = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+        for pid in self._pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                continue
+            label = [str(pid)]
+            cpu.add_metric(label, (int(fields[11]) + int(fields[12])) / ticks)
+            rss.add_metric(label, int(fields[21]) * page)
+            fds.add_metric(label, open_fds)
+        yield from (cpu, rss, fds)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition of every process of this host (or of this one without a shared dir)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if Path("/proc/self/stat").exists():
+            registry.register(HostProcesses(directory))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
+import socket
 from enum import Enum
 
 import uvloop
@@ -22,6 +24,7 @@ from gateway.api.app import create_app
 from gateway.drain.rates import RegistryRates
 from gateway.drain.upstream import CloudApi
 from gateway.drain.worker import Drain
+from gateway.gauges import GaugePublisher
 from gateway.sandbox import start_sandbox
 from gateway.settings import Settings
 from gateway.store import Store
@@ -57,6 +60,13 @@ async def _start_http(
     return runner
 
 
+def _supervise(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    if task.cancelled() or stop.is_set():
+        return
+    log.critical("background task %s died: %r; stopping", task.get_name(), task.exception())
+    stop.set()
+
+
 async def serve(settings: Settings, role: Role, index: int) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -75,6 +85,9 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
 
     assert settings.redis_url is not None
     store = Store.from_settings(settings, settings.redis_url)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    gauges = asyncio.create_task(GaugePublisher(store, worker_id).run(stop), name="gauge-publisher")
+    gauges.add_done_callback(functools.partial(_supervise, stop))
     runner: web.AppRunner | None = None
     sandbox: web.AppRunner | None = None
     api: CloudApi | None = None
@@ -92,7 +105,7 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
                 max_mps=settings.upstream_max_mps,
             )
             await api.start()
-            drain = Drain(settings, store, api)
+            drain = Drain(settings, store, api, worker_id=worker_id)
             await drain.start(on_fatal=stop.set)
         runner = await _start_http(settings, store, role, index)
         await stop.wait()
@@ -109,4 +122,6 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
             await api.close()
         if sandbox is not None:
             await sandbox.cleanup()
+        stop.set()
+        await gauges
         await store.close()

@@ -28,7 +28,7 @@ from gateway.errors import (
     unknown_phone_number,
 )
 from gateway.settings import Settings
-from gateway.store import Store, unavailable_on_redis_errors
+from gateway.store import Store, as_text, unavailable_on_redis_errors
 
 IDEMPOTENCY_TTL_S = 86_400
 MAX_IDEMPOTENCY_KEY = 255
@@ -114,7 +114,7 @@ class Acceptor:
             previous = await self.store.redis.set(
                 marker, value, nx=True, get=True, ex=IDEMPOTENCY_TTL_S
             )
-        if isinstance(previous, bytes) and previous.decode() != value:
+        if isinstance(previous, (bytes, str)) and as_text(previous) != value:
             raise _idempotency_conflict()
         return marker
 

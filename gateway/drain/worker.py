@@ -39,7 +39,7 @@ from gateway.drain.upstream import CloudApi
 from gateway.errors import StoreUnavailable
 from gateway.registry import Registry
 from gateway.settings import Settings
-from gateway.store import Store, connect, unavailable_on_redis_errors
+from gateway.store import Store, as_text, connect, unavailable_on_redis_errors
 
 log = logging.getLogger("gateway.drain")
 
@@ -349,7 +349,7 @@ class Drain:
                 await asyncio.sleep(0.2)  # outage backoff
                 continue
             if reply is not None:
-                key = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+                key = as_text(reply[0])
                 self.woken.add(owned[names.index(key)])
                 self.wake.set()
 

@@ -1,5 +1,5 @@
 """The Redis store: connection, Lua scripts and the translation of Redis failures."""
 
-from gateway.store.connection import Store, connect, unavailable_on_redis_errors
+from gateway.store.connection import Store, as_text, connect, unavailable_on_redis_errors
 
-__all__ = ["Store", "connect", "unavailable_on_redis_errors"]
+__all__ = ["Store", "as_text", "connect", "unavailable_on_redis_errors"]

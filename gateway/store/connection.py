@@ -45,6 +45,11 @@ def unavailable_on_redis_errors() -> Iterator[None]:
         raise
 
 
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (the clients here return bytes; the stubs allow both)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def connect(
     url: str,
     *,
