@@ -1,0 +1,215 @@
+"""The drain's Redis scripts on a real Redis: what `take` hands out and what `settle` records.
+
+These drive the scripts the way a worker does, without HTTP, so each rule is checked on its own:
+lanes, holds, expiry, leases and fences, and the sliding-window rate in the server's time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway import keys
+from gateway.accept.service import Acceptor
+from gateway.drain.worker import TakeReply, parse_take
+from gateway.messages import Messages
+from gateway.registry import Registry
+from gateway.settings import Settings
+from gateway.store import Store
+
+PN = "555123456789"
+
+
+def take_args(settings: Settings, budget: int = 100, lease_ms: int = 30_000) -> list[Any]:
+    return [budget, 64, lease_ms, 1000.0 + settings.rate_slack * 1000, 10.0, 0.0, 128, 3600]
+
+
+async def take(store: Store, settings: Settings, **kwargs: Any) -> TakeReply:
+    shard = keys.shard_of(PN, store.shards)
+    reply = await store.script("take", shard, take_args(settings, **kwargs))
+    return parse_take(shard, reply, 0.0)
+
+
+async def settle(store: Store, *ops: tuple[str, ...]) -> list[int]:
+    args: list[Any] = [3600]
+    for op in ops:
+        args += list(op) + [""] * (5 - len(op))
+    shard = keys.shard_of(PN, store.shards)
+    return [int(code) for code in await store.script("settle", shard, args)]
+
+
+async def queue(store: Store, settings: Settings, count: int = 1, **fields: Any) -> list[str]:
+    messages = [
+        {"phone_number_id": PN, "to": "5491140123456", "type": "text", "text": {"body": f"m{i}"}}
+        | fields
+        for i in range(count)
+    ]
+    result = await Acceptor(store, settings).send_batch({"messages": messages})
+    assert result["accepted"] == count, result
+    return [r["id"] for r in result["results"]]
+
+
+async def status(store: Store, message_id: str) -> dict[str, Any]:
+    return await Messages(store).get(message_id)
+
+
+async def test_take_leases_in_lane_order(store: Store, settings: Settings) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    low = await queue(store, settings, 2, priority="low")
+    normal = await queue(store, settings, 2)
+    high = await queue(store, settings, 2, category="authentication")
+    taken = await take(store, settings)
+    assert [item.id for item in taken.items] == high + normal + low
+    assert all(item.attempts == 1 for item in taken.items)
+    assert (await status(store, high[0]))["status"] == "sending"
+
+
+async def test_marketing_is_held_while_quality_is_red(store: Store, settings: Settings) -> None:
+    registry = Registry(store)
+    await registry.put(PN, {"throughput_tier": "unlimited", "quality_rating": "red"})
+    marketing = await queue(store, settings, 2, category="marketing", priority="normal")
+    utility = await queue(store, settings, 1)
+    assert [item.id for item in (await take(store, settings)).items] == utility
+    assert (await take(store, settings)).items == []
+    await registry.patch(PN, {"quality_rating": "yellow"})
+    assert [item.id for item in (await take(store, settings)).items] == marketing
+
+
+async def test_pending_and_disconnected_numbers_hold_their_queue(
+    store: Store, settings: Settings
+) -> None:
+    registry = Registry(store)
+    await registry.put(PN, {"status": "pending", "throughput_tier": "unlimited"})
+    ids = await queue(store, settings, 3)
+    assert (await take(store, settings)).items == []
+    await registry.patch(PN, {"status": "disconnected"})
+    assert (await take(store, settings)).items == []
+    assert (await status(store, ids[0]))["status"] == "queued"
+    await registry.patch(PN, {"status": "active"})
+    assert [item.id for item in (await take(store, settings)).items] == ids
+
+
+async def test_an_expired_message_is_never_handed_out(store: Store, settings: Settings) -> None:
+    await Registry(store).put(PN, {"status": "pending", "throughput_tier": "unlimited"})
+    expiring = await queue(store, settings, 1, ttl_seconds=1)
+    lasting = await queue(store, settings, 1)
+    await asyncio.sleep(1.1)
+    await Registry(store).patch(PN, {"status": "active"})
+    taken = await take(store, settings)
+    assert [item.id for item in taken.items] == lasting
+    assert taken.expired == 1
+    assert (await status(store, expiring[0]))["status"] == "expired"
+
+
+async def test_settle_records_sent_with_the_upstream_id(store: Store, settings: Settings) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [message_id] = await queue(store, settings)
+    [item] = (await take(store, settings)).items
+    assert await settle(store, ("S", item.id, item.fence, "wamid.ABC")) == [1]
+    seen = await status(store, message_id)
+    assert seen["status"] == "sent"
+    assert seen["upstream_message_id"] == "wamid.ABC"
+    assert seen["sent_at"] is not None
+    number = await Registry(store).get(PN)
+    assert number is not None
+    assert number["sent_last_minute"] == 1
+    assert number["inflight"] == 0
+
+
+async def test_a_lapsed_lease_comes_back_and_fences_out_the_late_worker(
+    store: Store, settings: Settings
+) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [message_id] = await queue(store, settings)
+    [first] = (await take(store, settings, lease_ms=50)).items
+    await asyncio.sleep(0.1)
+    [second] = (await take(store, settings)).items
+    assert second.id == message_id
+    assert second.fence != first.fence
+    # the first worker answers late: ignored; the new attempt's answer counts
+    assert await settle(store, ("S", first.id, first.fence, "wamid.LATE")) == [0]
+    assert await settle(store, ("S", second.id, second.fence, "wamid.NEW")) == [1]
+    assert (await status(store, message_id))["upstream_message_id"] == "wamid.NEW"
+
+
+async def test_requeue_returns_to_the_head_without_spending_an_attempt(
+    store: Store, settings: Settings
+) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    ids = await queue(store, settings, 2)
+    items = (await take(store, settings, budget=1)).items
+    assert [i.id for i in items] == ids[:1]
+    assert await settle(store, ("Q", items[0].id, items[0].fence)) == [1]
+    again = (await take(store, settings)).items
+    assert [i.id for i in again] == ids
+    assert again[0].attempts == 1
+
+
+async def test_throttle_pauses_the_number(store: Store, settings: Settings) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    await queue(store, settings, 2)
+    items = (await take(store, settings)).items
+    codes = await settle(store, *[("Q", i.id, i.fence, "throttle") for i in items])
+    assert codes == [1, 1]
+    assert (await take(store, settings)).items == []  # paused ~1 s
+    await asyncio.sleep(1.1)
+    assert len((await take(store, settings)).items) == 2
+
+
+async def test_retry_waits_then_comes_back_and_can_be_canceled(
+    store: Store, settings: Settings
+) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    retried, canceled = await queue(store, settings, 2)
+    items = {i.id: i for i in (await take(store, settings)).items}
+    ops = [("R", m, items[m].fence, "200", '{"code": 2}') for m in (retried, canceled)]
+    assert await settle(store, *ops) == [1, 1]
+    assert (await status(store, retried))["status"] == "queued"
+    assert (await Messages(store).cancel(canceled))["status"] == "canceled"
+    assert (await take(store, settings)).items == []
+    await asyncio.sleep(0.25)
+    again = (await take(store, settings)).items
+    assert [i.id for i in again] == [retried]
+    assert again[0].attempts == 2
+
+
+async def test_a_retry_past_the_ttl_ends_expired(store: Store, settings: Settings) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [message_id] = await queue(store, settings, 1, ttl_seconds=1)
+    [item] = (await take(store, settings)).items
+    assert await settle(store, ("R", item.id, item.fence, "5000", '{"code": 2}')) == [2]
+    assert (await status(store, message_id))["status"] == "expired"
+
+
+async def test_hold_disconnects_the_number_and_keeps_the_message(
+    store: Store, settings: Settings
+) -> None:
+    registry = Registry(store)
+    await registry.put(PN, {"throughput_tier": "unlimited"})
+    [message_id] = await queue(store, settings)
+    [item] = (await take(store, settings)).items
+    assert await settle(store, ("H", item.id, item.fence, "disconnected")) == [1]
+    number = await registry.get(PN)
+    assert number is not None
+    assert number["status"] == "disconnected"
+    assert number["queue_depth"]["normal"] == 1
+    assert (await status(store, message_id))["status"] == "queued"
+    assert (await take(store, settings)).items == []
+
+
+async def test_the_window_never_grants_more_than_the_rate(store: Store, settings: Settings) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "standard", "max_mps": 10})
+    await queue(store, settings, 40)
+    grants: list[float] = []
+    deadline = asyncio.get_running_loop().time() + 2.5
+    while asyncio.get_running_loop().time() < deadline:
+        taken = await take(store, settings)
+        grants += [taken.now_ms] * len(taken.items)
+        await settle(store, *[("S", i.id, i.fence, "w") for i in taken.items])
+        await asyncio.sleep(0.002)
+    window = 1000.0 + settings.rate_slack * 1000
+    assert grants, "nothing was granted"
+    for start in grants:
+        assert sum(1 for g in grants if start <= g < start + window) <= 10
+    # at the rate: about 10 per second for the 2.5 s (the first second may start full)
+    assert len(grants) >= 20
