@@ -1,0 +1,297 @@
+"""The sandbox's HTTP server: `POST /{version}/{phone_number_id}/messages` and `/_sandbox/*`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import os
+import time
+from collections import Counter, deque
+from typing import Any, NamedTuple, Protocol
+
+import orjson
+from aiohttp import web
+
+from gateway.sandbox.faults import Answer, FaultError, Faults
+
+RATE_CACHE_S = 1.0
+WINDOW_S = 1.0
+
+# Meta's messages for the codes the sandbox answers with.
+_MESSAGES = {
+    1: ("An unknown error occurred", "OAuthException"),
+    2: ("Service temporarily unavailable", "OAuthException"),
+    4: ("(#4) Application request limit reached", "OAuthException"),
+    33: ("Unsupported post request: the phone number does not exist", "GraphMethodException"),
+    100: ("(#100) Invalid parameter", "OAuthException"),
+    190: ("Invalid OAuth access token - Cannot parse access token", "OAuthException"),
+    368: ("Temporarily blocked for policies violations", "OAuthException"),
+    80007: ("(#80007) Rate limit issues", "OAuthException"),
+    130429: ("(#130429) Rate limit hit", "OAuthException"),
+    131000: ("Something went wrong", "OAuthException"),
+    131016: ("Service unavailable", "OAuthException"),
+    131026: ("Message undeliverable", "OAuthException"),
+    131056: ("(Business Account, Consumer Account) pair rate limit hit", "OAuthException"),
+    131057: ("Account in maintenance mode", "OAuthException"),
+}
+
+
+class RateSource(Protocol):
+    async def rate_for(self, phone_number_id: str) -> int | None:
+        """Messages per sliding second for the number; None = unlimited."""
+
+
+class StaticRates:
+    """Rates set by hand (or `PUT /_sandbox/numbers/{pn}`), with a default for the rest."""
+
+    def __init__(self, default: int | None = None) -> None:
+        self.default = default
+        self.rates: dict[str, int | None] = {}
+
+    def set(self, phone_number_id: str, rate: int | None) -> None:
+        self.rates[phone_number_id] = rate
+
+    async def rate_for(self, phone_number_id: str) -> int | None:
+        return self.rates.get(phone_number_id, self.default)
+
+
+class Record(NamedTuple):
+    time: float
+    phone_number_id: str
+    outcome: str
+    token: str
+    body: bytes
+
+
+class Sandbox:
+    """The state behind the routes: rate windows, faults and recordings."""
+
+    def __init__(self, rates: RateSource, record_limit: int) -> None:
+        self.rates = rates
+        self.records: deque[Record] = deque(maxlen=record_limit)
+        self.windows: dict[str, deque[float]] = {}
+        self.rate_cache: dict[str, tuple[float, int | None]] = {}
+        self.faults = Faults()
+        self.ids = itertools.count(1)
+        self.prefix = base64.urlsafe_b64encode(os.urandom(6)).decode()
+
+    async def rate_for(self, pn: str, now: float) -> int | None:
+        cached = self.rate_cache.get(pn)
+        if cached is not None and now - cached[0] < RATE_CACHE_S:
+            return cached[1]
+        rate = await self.rates.rate_for(pn)
+        self.rate_cache[pn] = (now, rate)
+        return rate
+
+    def admit(self, pn: str, now: float, rate: int | None) -> bool:
+        """Count an arrival in the number's sliding second; False beyond its rate."""
+        if rate is None:
+            return True
+        window = self.windows.get(pn)
+        if window is None:
+            window = self.windows[pn] = deque()
+        while window and now - window[0] >= WINDOW_S:
+            window.popleft()
+        if len(window) >= rate:
+            return False
+        window.append(now)
+        return True
+
+    def wamid(self) -> str:
+        raw = f"{self.prefix}.{next(self.ids)}".encode()
+        return "wamid." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+SANDBOX = web.AppKey("sandbox", Sandbox)
+
+
+def meta_error(status: int, code: int, message: str | None = None) -> web.Response:
+    default_message, kind = _MESSAGES.get(code, ("Error", "OAuthException"))
+    body = {
+        "error": {
+            "message": message or default_message,
+            "type": kind,
+            "code": code,
+            "fbtrace_id": base64.urlsafe_b64encode(os.urandom(9)).decode(),
+        }
+    }
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _problem(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    if body.get("messaging_product") != "whatsapp":
+        return "messaging_product must be whatsapp"
+    if not isinstance(body.get("to"), str) or not body["to"]:
+        return "to is required"
+    kind = body.get("type")
+    if not isinstance(kind, str) or not isinstance(body.get(kind), dict):
+        return "type and the object it names are required"
+    return None
+
+
+async def send_message(request: web.Request) -> web.Response:
+    now = time.monotonic()
+    sandbox = request.app[SANDBOX]
+    pn = request.match_info["phone_number_id"]
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    raw = await request.read()
+
+    def record(outcome: str) -> None:
+        sandbox.records.append(Record(now, pn, outcome, token, raw))
+
+    if not token:
+        record("error:190")
+        return meta_error(401, 190)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    problem = _problem(body)
+    if problem is not None:
+        record("error:100")
+        return meta_error(400, 100, f"(#100) Invalid parameter: {problem}")
+
+    faults = sandbox.faults
+    forced: Answer | None = faults.forced(pn)
+    delay = faults.delay_s() + (forced.timeout_ms / 1000.0 if forced else 0.0)
+    if delay > 0:
+        await asyncio.sleep(delay)
+    if forced is not None and forced.status != 200:
+        code = forced.code if forced.code is not None else (2 if forced.status >= 500 else 100)
+        record(f"error:{code}")
+        return meta_error(forced.status, code)
+    if not sandbox.admit(pn, now, await sandbox.rate_for(pn, now)):
+        record("throttled")
+        return meta_error(400, 130429)
+    record("ok")
+    answer = {
+        "messaging_product": "whatsapp",
+        "contacts": [{"input": body["to"], "wa_id": body["to"].lstrip("+")}],
+        "messages": [{"id": sandbox.wamid()}],
+    }
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def arrivals(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    pn = request.query.get("phone_number_id")
+    outcome = request.query.get("outcome", "ok")
+    if pn is None:
+        counts = Counter(r.phone_number_id for r in sandbox.records if r.outcome == outcome)
+        return _json({"numbers": dict(counts)})
+    times = [r.time for r in sandbox.records if r.phone_number_id == pn and r.outcome == outcome]
+    return _json({"phone_number_id": pn, "times": times})
+
+
+async def requests(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    pn = request.query.get("phone_number_id")
+    limit = int(request.query.get("limit", "100"))
+    chosen = [r for r in sandbox.records if pn is None or r.phone_number_id == pn][-limit:]
+    out = []
+    for r in chosen:
+        try:
+            body = orjson.loads(r.body)
+        except orjson.JSONDecodeError:
+            body = r.body.decode(errors="replace")
+        out.append(
+            {
+                "path": f"/{r.phone_number_id}/messages",
+                "phone_number_id": r.phone_number_id,
+                "token": r.token,
+                "body": body,
+                "outcome": r.outcome,
+                "time": r.time,
+            }
+        )
+    return _json({"requests": out})
+
+
+async def clear_records(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    sandbox.records.clear()
+    sandbox.windows.clear()
+    return _json({"cleared": True})
+
+
+async def set_number(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    if not isinstance(sandbox.rates, StaticRates):
+        return _json({"error": "rates come from the gateway's registry here"}, 409)
+    body = await request.json()
+    mps = body.get("mps") if isinstance(body, dict) else None
+    if mps is not None and (not isinstance(mps, int) or mps < 1):
+        return _json({"error": "mps must be a positive integer or null"}, 400)
+    pn = request.match_info["phone_number_id"]
+    sandbox.rates.set(pn, mps)
+    sandbox.rate_cache.pop(pn, None)
+    return _json({"phone_number_id": pn, "mps": mps})
+
+
+async def put_faults(request: web.Request) -> web.Response:
+    try:
+        faults = Faults.parse(await request.json())
+    except (FaultError, ValueError) as exc:
+        return _json({"error": str(exc)}, 400)
+    request.app[SANDBOX].faults = faults
+    return _json(faults.as_dict())
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    return _json(request.app[SANDBOX].faults.as_dict())
+
+
+async def clear_faults(request: web.Request) -> web.Response:
+    request.app[SANDBOX].faults = Faults()
+    return _json(Faults().as_dict())
+
+
+async def stats(request: web.Request) -> web.Response:
+    records = request.app[SANDBOX].records
+    by_number: dict[str, Counter[str]] = {}
+    for r in records:
+        by_number.setdefault(r.phone_number_id, Counter())[r.outcome] += 1
+    return _json(
+        {
+            "outcomes": dict(Counter(r.outcome for r in records)),
+            "numbers": {pn: dict(c) for pn, c in by_number.items()},
+        }
+    )
+
+
+def create_sandbox_app(
+    rates: RateSource | None = None, *, record_limit: int = 1_000_000
+) -> web.Application:
+    app = web.Application()
+    app[SANDBOX] = Sandbox(rates or StaticRates(), record_limit)
+    app.router.add_post("/{version}/{phone_number_id}/messages", send_message)
+    app.router.add_post("/{phone_number_id}/messages", send_message)
+    app.router.add_get("/_sandbox/arrivals", arrivals)
+    app.router.add_get("/_sandbox/requests", requests)
+    app.router.add_delete("/_sandbox/records", clear_records)
+    app.router.add_put("/_sandbox/numbers/{phone_number_id}", set_number)
+    app.router.add_put("/_sandbox/faults", put_faults)
+    app.router.add_get("/_sandbox/faults", get_faults)
+    app.router.add_delete("/_sandbox/faults", clear_faults)
+    app.router.add_get("/_sandbox/stats", stats)
+    return app
+
+
+async def start_sandbox(
+    host: str, port: int, rates: RateSource | None = None
+) -> tuple[web.AppRunner, str]:
+    """Serve the sandbox on host:port (0: a free port); the runner and the upstream base URL."""
+    runner = web.AppRunner(create_sandbox_app(rates), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    bound = runner.addresses[0][1]  # the port actually bound when 0 was asked for
+    return runner, f"http://{host}:{bound}/v21.0"

@@ -1,0 +1,337 @@
+"""The drain end to end in one process: real API, real Redis, the sandbox as the Cloud API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.settings import Settings
+from gateway.store import Store
+from tests.conftest import ADMIN, SEND, register, text_message
+from tests.integration.drain_support import (
+    DEFAULT_TOKEN,
+    Sandbox,
+    drain_settings,
+    eventually,
+    max_in_window,
+    running_drain,
+    running_sandbox,
+    sustained_rate,
+)
+
+PN = "555123456789"
+OTHER = "555000000002"
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    async with running_sandbox() as box:
+        yield box
+
+
+async def send(client: TestClient[Any, Any], **fields: Any) -> str:
+    response = await client.post("/v1/messages", json=text_message(**fields), headers=SEND)
+    assert response.status == 202, await response.text()
+    return str((await response.json())["id"])
+
+
+async def status(client: TestClient[Any, Any], message_id: str) -> dict[str, Any]:
+    response = await client.get(f"/v1/messages/{message_id}", headers=SEND)
+    assert response.status == 200
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def number(client: TestClient[Any, Any], pn: str = PN) -> dict[str, Any]:
+    body: dict[str, Any] = await (await client.get(f"/v1/phone-numbers/{pn}", headers=ADMIN)).json()
+    return body
+
+
+async def wait_status(
+    client: TestClient[Any, Any], message_id: str, wanted: str, within_s: float = 10.0
+) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        seen.update(await status(client, message_id))
+        return seen["status"] == wanted
+
+    await eventually(reached, within_s, f"message {message_id} reaching {wanted} (last: {seen})")
+    return seen
+
+
+async def test_a_message_is_sent_with_the_exact_cloud_api_request(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN, access_token="number-token")
+    async with running_drain(drain_settings(settings, sandbox), store):
+        message_id = await send(
+            client,
+            category="marketing",
+            priority="high",
+            client_reference="ref-1",
+            ttl_seconds=600,
+            context={"message_id": "wamid.PREV"},
+            biz_opaque_callback_data="opaque",
+        )
+        sent = await wait_status(client, message_id, "sent")
+    assert sent["upstream_message_id"].startswith("wamid.")
+    assert sent["attempts"] == 1
+    assert sent["sent_at"] is not None
+    [request] = await sandbox.requests(PN)
+    assert request["token"] == "number-token"
+    body = request["body"]
+    assert body == {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": "5491140123456",
+        "type": "text",
+        "text": {"body": "Your code is 123456"},
+        "context": {"message_id": "wamid.PREV"},
+        "biz_opaque_callback_data": "opaque",
+    }
+
+
+async def test_a_number_without_its_own_token_uses_the_default(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN)
+    async with running_drain(drain_settings(settings, sandbox), store):
+        await wait_status(client, await send(client), "sent")
+    [request] = await sandbox.requests(PN)
+    assert request["token"] == DEFAULT_TOKEN
+
+
+async def test_lanes_drain_high_then_normal_then_low(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN, status="pending", throughput_tier="unlimited")
+    low = [await send(client, priority="low", client_reference=f"low{i}") for i in range(3)]
+    normal = [await send(client, client_reference=f"normal{i}") for i in range(3)]
+    high = [await send(client, category="authentication") for _ in range(3)]
+    one_at_a_time = drain_settings(settings, sandbox, worker_concurrency=1)
+    async with running_drain(one_at_a_time, store):
+        response = await client.patch(
+            f"/v1/phone-numbers/{PN}", json={"status": "active"}, headers=ADMIN
+        )
+        assert response.status == 200
+        for message_id in low:
+            await wait_status(client, message_id, "sent")
+    sent_at = {m: (await status(client, m))["sent_at"] for m in high + normal + low}
+    order = sorted(sent_at, key=lambda m: (sent_at[m], (high + normal + low).index(m)))
+    assert order == high + normal + low
+
+
+async def test_red_quality_holds_marketing_and_lets_the_rest_go(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN, quality_rating="red")
+    async with running_drain(drain_settings(settings, sandbox), store):
+        marketing = await send(client, category="marketing")
+        utility = await send(client)
+        await wait_status(client, utility, "sent")
+        assert (await status(client, marketing))["status"] == "queued"
+        await client.patch(
+            f"/v1/phone-numbers/{PN}", json={"quality_rating": "green"}, headers=ADMIN
+        )
+        await wait_status(client, marketing, "sent")
+
+
+async def test_a_pending_number_is_held_until_active(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN, status="pending")
+    async with running_drain(drain_settings(settings, sandbox), store):
+        message_id = await send(client)
+        expiring = await send(client, ttl_seconds=1)
+        await eventually(
+            lambda: _status_is(client, expiring, "expired"), 5.0, "the ttl running out"
+        )
+        assert (await status(client, message_id))["status"] == "queued"
+        await client.patch(f"/v1/phone-numbers/{PN}", json={"status": "active"}, headers=ADMIN)
+        await wait_status(client, message_id, "sent")
+    assert len(await sandbox.requests(PN)) == 1  # the expired one never left
+
+
+async def _status_is(client: TestClient[Any, Any], message_id: str, wanted: str) -> bool:
+    return (await status(client, message_id))["status"] == wanted
+
+
+async def test_a_transient_error_is_retried_then_sent(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN)
+    await sandbox.faults(script={PN: [{"status": 500, "code": 131000}, {"status": 503, "code": 2}]})
+    async with running_drain(drain_settings(settings, sandbox), store):
+        sent = await wait_status(client, await send(client), "sent")
+    assert sent["attempts"] == 3
+
+
+async def test_transient_errors_fail_after_max_attempts(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN)
+    await sandbox.faults(numbers={PN: {"status": 500, "code": 131000}})
+    async with running_drain(drain_settings(settings, sandbox, max_attempts=3), store):
+        failed = await wait_status(client, await send(client), "failed")
+    assert failed["attempts"] == 3
+    assert failed["error"]["code"] == 131000
+    assert failed["error"]["retryable"] is False
+
+
+async def test_an_upstream_timeout_is_transient(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN)
+    await sandbox.faults(script={PN: [{"status": 200, "timeout_ms": 1500}]})
+    quick = drain_settings(settings, sandbox, upstream_timeout=0.3)
+    async with running_drain(quick, store):
+        sent = await wait_status(client, await send(client), "sent")
+    assert sent["attempts"] == 2
+
+
+async def test_a_permanent_error_fails_at_once_with_the_upstream_code(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN)
+    await sandbox.faults(script={PN: [{"status": 400, "code": 131026}]})
+    async with running_drain(drain_settings(settings, sandbox), store):
+        failed = await wait_status(client, await send(client), "failed")
+    assert failed["attempts"] == 1
+    assert failed["error"]["code"] == 131026
+
+
+async def test_throughput_errors_requeue_without_spending_an_attempt(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN)
+    await sandbox.faults(script={PN: [{"status": 400, "code": 130429}, {"status": 429}]})
+    async with running_drain(drain_settings(settings, sandbox), store):
+        sent = await wait_status(client, await send(client), "sent", within_s=15)
+    assert sent["attempts"] == 1
+    times = sorted(r["time"] for r in await sandbox.requests(PN))
+    # paused about 1 s after the first refusal, then about 2 s (doubling) after the second
+    assert times[1] - times[0] >= 0.9
+    assert times[2] - times[1] >= 1.8
+
+
+async def test_pair_rate_retries_that_message_later_and_the_rest_go_on(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN)
+    await sandbox.faults(script={PN: [{"status": 400, "code": 131056}]})
+    async with running_drain(drain_settings(settings, sandbox, worker_concurrency=1), store):
+        paired = await send(client)
+        other = await send(client, to="5491140999999")
+        await wait_status(client, other, "sent")
+        assert (await status(client, paired))["status"] == "queued"
+        assert (await number(client))["retry_waiting"] == 1
+
+
+async def test_an_upgrade_in_progress_holds_the_number(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN)
+    await sandbox.faults(script={PN: [{"status": 400, "code": 131057}]})
+    async with running_drain(drain_settings(settings, sandbox), store):
+        held = await send(client)
+        await eventually(lambda: _requests_seen(sandbox, 1), 5.0, "the first attempt")
+        later = await send(client)
+        # held about 60 s: neither is sent now, and both stay queued
+        for message_id in (held, later):
+            assert (await status(client, message_id))["status"] in ("queued", "sending")
+        await eventually(lambda: _status_is(client, later, "queued"), 2.0, "later queued")
+    assert len(await sandbox.requests(PN)) == 1
+
+
+async def _requests_seen(sandbox: Sandbox, count: int) -> bool:
+    return len(await sandbox.requests(PN)) >= count
+
+
+@pytest.mark.parametrize(("status_code", "code"), [(401, 190), (400, 368)])
+async def test_auth_and_blocked_disconnect_the_number_and_hold_the_message(
+    client: TestClient[Any, Any],
+    settings: Settings,
+    store: Store,
+    sandbox: Sandbox,
+    status_code: int,
+    code: int,
+) -> None:
+    await register(client, PN)
+    await sandbox.faults(script={PN: [{"status": status_code, "code": code}]})
+    async with running_drain(drain_settings(settings, sandbox), store):
+        message_id = await send(client)
+        await eventually(
+            lambda: _number_status_is(client, "disconnected"), 5.0, "the number disconnecting"
+        )
+        held = await status(client, message_id)
+        assert held["status"] == "queued"
+        assert held["attempts"] == 0
+        await client.patch(f"/v1/phone-numbers/{PN}", json={"status": "active"}, headers=ADMIN)
+        await wait_status(client, message_id, "sent")
+
+
+async def _number_status_is(client: TestClient[Any, Any], wanted: str) -> bool:
+    return (await number(client))["status"] == wanted
+
+
+async def test_number_gone_deletes_the_number_and_fails_its_queue(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN, status="pending")
+    ids = [await send(client) for _ in range(3)]
+    await sandbox.faults(numbers={PN: {"status": 400, "code": 33}})
+    async with running_drain(drain_settings(settings, sandbox, worker_concurrency=1), store):
+        await client.patch(f"/v1/phone-numbers/{PN}", json={"status": "active"}, headers=ADMIN)
+        await eventually(lambda: _number_status_is(client, "deleted"), 5.0, "the deletion")
+        for message_id in ids:
+            await wait_status(client, message_id, "failed")
+    errors = sorted([str((await status(client, m))["error"]["code"]) for m in ids])
+    assert errors == ["33", "phone_number_deleted", "phone_number_deleted"]
+
+
+async def test_cancel_reaches_a_message_waiting_for_its_retry(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN)
+    await sandbox.faults(script={PN: [{"status": 500, "code": 1}]})
+    async with running_drain(drain_settings(settings, sandbox, retry_base=30.0), store):
+        message_id = await send(client)
+        await eventually(lambda: _retry_waiting(client), 5.0, "the retry wait")
+        response = await client.delete(f"/v1/messages/{message_id}", headers=SEND)
+        assert response.status == 200
+        assert (await status(client, message_id))["status"] == "canceled"
+    assert (await number(client))["retry_waiting"] == 0
+
+
+async def _retry_waiting(client: TestClient[Any, Any]) -> bool:
+    return bool((await number(client))["retry_waiting"] == 1)
+
+
+async def test_each_number_drains_at_its_rate(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    rates = {"555000000080": ("standard", 80), "555000000200": ("medium", 200)}
+    for pn, (tier, _) in rates.items():
+        await register(client, pn, throughput_tier=tier, status="pending")
+        batch = [text_message(pn) for _ in range(int(rates[pn][1] * 2.5))]
+        response = await client.post("/v1/messages/batch", json={"messages": batch}, headers=SEND)
+        assert (await response.json())["accepted"] == len(batch)
+    async with running_drain(drain_settings(settings, sandbox), store):
+        for pn in rates:
+            await client.patch(f"/v1/phone-numbers/{pn}", json={"status": "active"}, headers=ADMIN)
+        for pn in rates:
+            await eventually(lambda pn=pn: _depth_is_zero(client, pn), 10.0, f"{pn} draining")
+    for pn, (_, rate) in rates.items():
+        times = await sandbox.arrivals(pn)
+        assert len(times) == int(rate * 2.5)
+        assert max_in_window(times) <= rate
+        assert sustained_rate(times) >= 0.97 * rate
+
+
+async def _depth_is_zero(client: TestClient[Any, Any], pn: str) -> bool:
+    body = await number(client, pn)
+    return sum(body["queue_depth"].values()) == 0 and body["inflight"] == 0
