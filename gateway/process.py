@@ -2,7 +2,7 @@
 
 Shutdown runs in a fixed order with a deadline: stop accepting connections, stop the drain
 (in-flight sends get `shutdown_grace` seconds; what is left is released), finish open HTTP
-requests, close Redis. A second SIGTERM (or SIGINT) exits at once.
+requests, close Redis. A second SIGTERM or SIGINT to the supervisor kills the processes at once.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from gateway.settings import Settings
 from gateway.store import Store
 
 log = logging.getLogger("gateway.process")
+
+
+# The sandbox wants a bearer token like Meta does; any will do.
+SANDBOX_TOKEN = "sandbox-token"
 
 
 class Role(Enum):
@@ -70,18 +74,11 @@ def _supervise(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
 async def serve(settings: Settings, role: Role, index: int) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals_seen = 0
-
-    def on_signal() -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            log.warning("second signal: exiting now")
-            os._exit(1)
-        stop.set()
-
+    # Every signal only asks for a graceful stop: a terminal's Ctrl-C or a service manager may
+    # signal this process and the supervisor at once, and the supervisor forwards SIGTERM too;
+    # escalating on a second signal is the supervisor's call (it kills the children).
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
+        loop.add_signal_handler(signum, stop.set)
 
     assert settings.redis_url is not None
     store = Store.from_settings(settings, settings.redis_url)
@@ -95,11 +92,13 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
     try:
         if role is not Role.API:
             upstream_url = settings.upstream_url
+            token = settings.upstream_token
             if upstream_url is None:
                 sandbox, upstream_url = await start_sandbox("127.0.0.1", 0, RegistryRates(store))
+                token = token or SANDBOX_TOKEN
             api = CloudApi(
                 upstream_url,
-                settings.upstream_token,
+                token,
                 timeout_s=settings.upstream_timeout,
                 pool_size=settings.worker_concurrency,
                 max_mps=settings.upstream_max_mps,
