@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -103,20 +103,35 @@ def _serve(settings: Settings, command: str) -> int:
 
 
 def _sandbox(settings: Settings) -> int:
+    """Serve the sandbox. With GATEWAY_REDIS_URL it enforces the registry's rates."""
     import uvloop
 
-    from gateway.sandbox import start_sandbox
+    from gateway.drain.rates import RegistryRates
+    from gateway.process import freeze_startup_objects
+    from gateway.sandbox import StaticRates, start_sandbox
+    from gateway.store import Store
 
     async def serve() -> None:
-        runner, url = await start_sandbox(settings.host, settings.port)
+        store = None
+        rates: RegistryRates | StaticRates = StaticRates()
+        if settings.redis_url is not None:
+            store = Store.from_settings(settings, settings.redis_url)
+            rates = RegistryRates(store)
+        runner, url = await start_sandbox(settings.host, settings.port, rates)
+        freeze_startup_objects()
         log.info("sandbox Cloud API at %s (use it as GATEWAY_UPSTREAM_URL)", url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await runner.cleanup()
+            if store is not None:
+                await store.close()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve())
+    uvloop.run(serve())
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -64,6 +65,17 @@ async def _start_http(
     return runner
 
 
+def freeze_startup_objects() -> None:
+    """Hide everything alive after startup from the garbage collector (`gc.freeze`).
+
+    A full collection otherwise walks every module, class and function of the process and
+    pauses the event loop for 10-25 ms: long enough to push a send past the rate slack.
+    Frozen, a full collection scans only what was allocated since, in a few milliseconds.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def _supervise(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
     if task.cancelled() or stop.is_set():
         return
@@ -107,6 +119,7 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
             drain = Drain(settings, store, api, worker_id=worker_id)
             await drain.start(on_fatal=stop.set)
         runner = await _start_http(settings, store, role, index)
+        freeze_startup_objects()
         await stop.wait()
     finally:
         # Fixed order: stop accepting, stop draining, finish requests, close clients.

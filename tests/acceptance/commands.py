@@ -1,0 +1,95 @@
+"""Running the installed `gateway` command as a user would, in its own process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def gateway_bin() -> str:
+    """The console script installed next to this interpreter."""
+    path = Path(sys.executable).parent / "gateway"
+    assert path.exists(), f"the gateway command is not installed at {path}"
+    return str(path)
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """The environment without any GATEWAY_* of the caller, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PROMETHEUS_"))}
+    env.update(settings)
+    return env
+
+
+class Command:
+    """`gateway <args>` in a new session (so the whole tree can be signalled or killed)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.args = args
+        self.env = env
+        self.cwd = cwd
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.log_path = cwd / f"gateway-{args[0] if args else 'run'}-{time.monotonic_ns()}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Command:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [gateway_bin(), *self.args],
+            env=self.env,
+            cwd=self.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def kill_tree(self) -> None:
+        """SIGKILL the supervisor and every process it started."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def wait(self, within_s: float = 30.0) -> int:
+        assert self.process is not None
+        return self.process.wait(within_s)
+
+    def stop(self) -> None:
+        """Stop it whatever state it is in (test teardown)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def wait_http(self, url: str, within_s: float = 20.0) -> None:
+        """Wait until `url` answers 200; fail with the command's output if it never does."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"gateway exited early:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{url} did not answer within {within_s}s:\n{self.output()}")

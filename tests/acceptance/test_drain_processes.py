@@ -1,0 +1,269 @@
+"""The drain as deployed: `gateway worker` processes, a `gateway sandbox` process, real Redis.
+
+The test itself registers numbers and queues messages through the gateway's own accept code on
+the same Redis, then reads what arrived at the sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.accept.service import Acceptor
+from gateway.messages import Messages
+from gateway.registry import Registry
+from gateway.store import Store
+from tests.acceptance.commands import Command, clean_env
+from tests.conftest import make_settings
+from tests.integration.drain_support import eventually, max_in_window, sustained_rate
+from tests.servers import RedisServer, free_port
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Store]:
+    settings = make_settings(redis_server.url, tmp_path / "data")
+    store = Store.from_settings(settings, redis_server.url)
+    yield store
+    await store.close()
+
+
+class Upstream:
+    """A `gateway sandbox` process (no rate enforcement: it only records arrivals)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        env = clean_env(GATEWAY_PORT=str(self.port), GATEWAY_LOG_LEVEL="WARNING")
+        self.command = Command(["sandbox"], env, tmp_path / "sandbox").start()
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.root}/v21.0"
+        self.command.wait_http(f"{self.root}/_sandbox/stats")
+
+    async def get(self, path: str) -> Any:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{self.root}/_sandbox/{path}") as response,
+        ):
+            return await response.json()
+
+    async def put(self, path: str, body: Any) -> None:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.put(f"{self.root}/_sandbox/{path}", json=body) as response,
+        ):
+            assert response.status == 200, await response.text()
+
+    async def arrivals(self, pn: str) -> list[float]:
+        return sorted((await self.get(f"arrivals?phone_number_id={pn}"))["times"])
+
+    async def bodies(self, pn: str) -> list[str]:
+        requests = (await self.get(f"requests?phone_number_id={pn}&limit=1000000"))["requests"]
+        return [r["body"]["text"]["body"] for r in requests if r["outcome"] == "ok"]
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[Upstream]:
+    box = Upstream(tmp_path)
+    yield box
+    box.command.stop()
+
+
+def start_workers(
+    tmp_path: Path, redis_url: str, upstream: Upstream, processes: int, **settings: str
+) -> Command:
+    port = free_port()
+    env = clean_env(
+        GATEWAY_REDIS_URL=redis_url,
+        GATEWAY_UPSTREAM_URL=upstream.url,
+        GATEWAY_UPSTREAM_TOKEN="token",
+        GATEWAY_WORKERS=str(processes),
+        GATEWAY_PORT=str(port),
+        GATEWAY_SHARDS="16",
+        GATEWAY_LOG_LEVEL="WARNING",
+        **settings,
+    )
+    command = Command(["worker"], env, tmp_path / f"worker-{port}").start()
+    command.wait_http(f"http://127.0.0.1:{port}/healthz")
+    return command
+
+
+async def queue(store: Store, pn: str, count: int) -> list[str]:
+    acceptor = Acceptor(store, store.settings)
+    ids: list[str] = []
+    for start in range(0, count, 1000):
+        batch = [
+            {
+                "phone_number_id": pn,
+                "to": "5491140123456",
+                "type": "text",
+                "text": {"body": f"{pn}-{i}"},
+            }
+            for i in range(start, min(start + 1000, count))
+        ]
+        result = await acceptor.send_batch({"messages": batch})
+        assert result["accepted"] == len(batch)
+        ids += [r["id"] for r in result["results"]]
+    return ids
+
+
+async def drained(store: Store, pns: list[str], within_s: float) -> None:
+    registry = Registry(store)
+
+    async def done() -> bool:
+        for view in await registry.views(pns):
+            assert view is not None
+            if sum(view["queue_depth"].values()) or view["inflight"] or view["retry_waiting"]:
+                return False
+        return True
+
+    await eventually(done, within_s, "the backlog draining")
+
+
+async def test_three_worker_processes_hold_every_number_to_its_rate(
+    tmp_path: Path, redis_server: RedisServer, store: Store, upstream: Upstream
+) -> None:
+    tiers = {"555000000080": 80, "555000000200": 200, "555000001000": 1000}
+    names = {80: "standard", 200: "medium", 1000: "high"}
+    registry = Registry(store)
+    for pn, rate in tiers.items():
+        await registry.put(pn, {"throughput_tier": names[rate], "status": "pending"})
+        await queue(store, pn, int(rate * 2.5))
+    workers = start_workers(tmp_path, redis_server.url, upstream, 3)
+    try:
+        await asyncio.sleep(2.5)  # the three processes share out the shards
+        for pn in tiers:
+            await registry.patch(pn, {"status": "active"})
+        await drained(store, list(tiers), 30.0)
+    finally:
+        workers.stop()
+    for pn, rate in tiers.items():
+        times = await upstream.arrivals(pn)
+        assert len(times) == int(rate * 2.5)
+        assert max_in_window(times) <= rate, f"{pn} went over {rate}/s"
+        assert sustained_rate(times) >= 0.97 * rate, f"{pn} drained below 97% of {rate}/s"
+
+
+async def test_a_tier_change_mid_drain_takes_effect_within_a_second(
+    tmp_path: Path, redis_server: RedisServer, store: Store, upstream: Upstream
+) -> None:
+    pn = "555000000081"
+    registry = Registry(store)
+    await registry.put(pn, {"throughput_tier": "standard", "status": "pending"})
+    await queue(store, pn, 600)
+    workers = start_workers(tmp_path, redis_server.url, upstream, 1)
+    try:
+        await registry.patch(pn, {"status": "active"})
+        await asyncio.sleep(2.0)
+        changed_at = time.monotonic()
+        await registry.patch(pn, {"throughput_tier": "medium"})
+        await drained(store, [pn], 20.0)
+    finally:
+        workers.stop()
+    times = await upstream.arrivals(pn)
+    assert len(times) == 600
+    # the sandbox's clock is this machine's monotonic clock, like ours
+    before = [t for t in times if t < changed_at]
+    after = [t for t in times if t >= changed_at + 1.0]
+    assert max_in_window(before) <= 80
+    assert max_in_window(times) <= 200
+    assert sustained_rate(after) >= 0.97 * 200
+
+
+async def test_a_killed_worker_loses_nothing(
+    tmp_path: Path, redis_server: RedisServer, store: Store, upstream: Upstream
+) -> None:
+    pn = "555000000099"
+    registry = Registry(store)
+    await registry.put(pn, {"throughput_tier": "unlimited", "status": "pending"})
+    ids = await queue(store, pn, 1500)
+    await upstream.put("faults", {"latency_ms": 400})  # many sends in flight at once
+    settings = {"GATEWAY_LEASE_SECONDS": "2", "GATEWAY_WORKER_CONCURRENCY": "200"}
+    doomed = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
+    survivor = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
+    try:
+        await asyncio.sleep(2.5)
+        await registry.patch(pn, {"status": "active"})
+        await asyncio.sleep(1.0)
+        doomed.kill_tree()
+        in_flight = await _sending(store, ids)
+        assert in_flight, "nothing was in flight when the worker was killed"
+        await drained(store, [pn], 60.0)
+    finally:
+        survivor.stop()
+    messages = Messages(store)
+    statuses = Counter([(await messages.get(m))["status"] for m in ids])
+    assert statuses == Counter({"sent": len(ids)})
+    arrivals = Counter(await upstream.bodies(pn))
+    assert set(arrivals) == {f"{pn}-{i}" for i in range(len(ids))}
+    duplicated = {body for body, n in arrivals.items() if n > 1}
+    in_flight_bodies = {f"{pn}-{ids.index(m)}" for m in in_flight}
+    assert duplicated <= in_flight_bodies
+
+
+async def _sending(store: Store, ids: list[str]) -> set[str]:
+    messages = Messages(store)
+    return {m for m in ids if (await messages.get(m))["status"] == "sending"}
+
+
+async def test_the_drain_pauses_while_redis_is_down_and_resumes(
+    tmp_path: Path, redis_server: RedisServer, store: Store, upstream: Upstream
+) -> None:
+    pn = "555000000082"
+    registry = Registry(store)
+    await registry.put(pn, {"throughput_tier": "standard"})
+    ids = await queue(store, pn, 240)
+    workers = start_workers(tmp_path, redis_server.url, upstream, 1)
+    try:
+        await asyncio.sleep(1.0)
+        redis_server.stop()
+        stopped = len(await upstream.arrivals(pn))
+        await asyncio.sleep(1.5)
+        # fail closed: nothing more was taken while Redis was gone
+        assert len(await upstream.arrivals(pn)) <= stopped + 80
+        redis_server.start()
+        await drained(store, [pn], 20.0)
+    finally:
+        workers.stop()
+    messages = Messages(store)
+    assert Counter([(await messages.get(m))["status"] for m in ids]) == {"sent": 240}
+    assert sorted(await upstream.bodies(pn)) == sorted(f"{pn}-{i}" for i in range(240))
+    assert "drain paused" in workers.output()
+    assert workers.output().count("drain paused") == 1
+
+
+async def test_sigterm_finishes_in_flight_sends_without_duplicates(
+    tmp_path: Path, redis_server: RedisServer, store: Store, upstream: Upstream
+) -> None:
+    pn = "555000000083"
+    registry = Registry(store)
+    await registry.put(pn, {"throughput_tier": "unlimited", "status": "pending"})
+    ids = await queue(store, pn, 400)
+    await upstream.put("faults", {"latency_ms": 300})
+    first = start_workers(tmp_path, redis_server.url, upstream, 1, GATEWAY_WORKER_CONCURRENCY="50")
+    await registry.patch(pn, {"status": "active"})
+    await asyncio.sleep(1.0)
+    first.signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    second = start_workers(tmp_path, redis_server.url, upstream, 1)
+    try:
+        await drained(store, [pn], 30.0)
+    finally:
+        second.stop()
+    arrivals = Counter(await upstream.bodies(pn))
+    assert len(arrivals) == len(ids)
+    assert max(arrivals.values()) == 1
