@@ -15,6 +15,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+from redis.asyncio.client import Pipeline
+
 from gateway import keys, metrics
 from gateway.errors import StoreUnavailable
 from gateway.registry.model import TIER_RATES, rate_in_force
@@ -118,14 +120,15 @@ class GaugePublisher:
             if not page:
                 return
             pns = [pn.decode() for pn in page]
-            with unavailable_on_redis_errors():
-                pipe = redis.pipeline(transaction=False)
+
+            def build(pipe: Pipeline, pns: list[str] = pns) -> None:
                 for pn in pns:
                     shard = keys.shard_of(pn, self.store.shards)
                     pipe.hgetall(keys.cfg(shard, pn))
                     for lane_list in keys.LANE_LISTS:
                         pipe.llen(keys.lane(shard, pn, lane_list))
-                replies = await pipe.execute()
+
+            replies = await self.store.pipelined(build)
             step = 1 + len(keys.LANE_LISTS)
             batch = []
             for index in range(len(pns)):

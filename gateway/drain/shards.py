@@ -15,8 +15,10 @@ import logging
 import math
 import random
 
+from redis.asyncio.client import Pipeline
+
 from gateway.errors import StoreUnavailable
-from gateway.store import Store, unavailable_on_redis_errors
+from gateway.store import Store
 
 log = logging.getLogger("gateway.drain")
 
@@ -35,11 +37,12 @@ class ShardOwnership:
         if not shards:
             return []
         scripts = self.store.scripts
-        with unavailable_on_redis_errors():
-            pipe = self.store.redis.pipeline(transaction=False)
+
+        async def build(pipe: Pipeline) -> None:
             for shard in shards:
                 await scripts.run_in(pipe, "claim", shard, [self.worker_id, LEASE_MS, mode])
-            replies = await pipe.execute()
+
+        replies = await self.store.pipelined(build)
         return [shard for shard, got in zip(shards, replies, strict=True) if int(got) == 1]
 
     async def refresh(self) -> None:

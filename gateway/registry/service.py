@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import orjson
+from redis.asyncio.client import Pipeline
 
 from gateway import keys, metrics
 from gateway.clock import rfc3339
@@ -138,8 +139,8 @@ class Registry:
         """Records with live figures, read in one round trip."""
         if not pns:
             return []
-        with unavailable_on_redis_errors():
-            pipe = self.store.redis.pipeline(transaction=False)
+
+        def build(pipe: Pipeline) -> None:
             pipe.time()
             for pn in pns:
                 shard = self._shard(pn)
@@ -148,7 +149,8 @@ class Registry:
                     pipe.llen(keys.lane(shard, pn, lane_list))
                 pipe.zcard(keys.retry(shard, pn))
                 pipe.hgetall(keys.sent(shard, pn))
-            replies = await pipe.execute()
+
+        replies = await self.store.pipelined(build)
         now_s = int(replies[0][0])
         per_number = 3 + len(keys.LANE_LISTS)
         out: list[dict[str, Any] | None] = []

@@ -8,11 +8,12 @@ connection broken); a second failure is the caller's `StoreUnavailable`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -88,6 +89,26 @@ class Store:
     async def script(self, name: str, shard: int, args: list[Any]) -> Any:
         with unavailable_on_redis_errors():
             return await self.scripts.run(name, shard, args)
+
+    async def pipelined(self, build: Callable[[Pipeline], Awaitable[None] | None]) -> list[Any]:
+        """Run the commands `build` queues in one round trip (not a transaction).
+
+        redis-py retries a single command on a dropped connection but not a pipeline, so a
+        pipeline that meets a connection Redis closed (it restarted) is built and sent once
+        more.
+        """
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            queued = build(pipe)
+            if queued is not None:
+                await queued
+            try:
+                with unavailable_on_redis_errors():
+                    return list(await pipe.execute())
+            except StoreUnavailable:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def ping(self) -> bool:
         try:
