@@ -75,8 +75,9 @@ class GaugePublisher:
         eta: dict[str, float] = defaultdict(float)
         inflight = 0
         headroom = self.store.settings.rate_headroom
+        per_number = self.store.settings.metrics_per_number
         async for batch in self._numbers():
-            for record, lengths in batch:
+            for pn, record, lengths in batch:
                 status = record.get("status", "active")
                 tier = record.get("throughput_tier", "standard")
                 numbers[(status, tier)] += 1
@@ -92,6 +93,9 @@ class GaugePublisher:
                 if status == "active" and rate is not None:
                     capacity[tier] += rate
                     eta[tier] = max(eta[tier], waiting / rate)
+                if per_number:
+                    metrics.NUMBER_QUEUE_DEPTH.labels(pn).set(waiting)
+                    metrics.NUMBER_RATE.labels(pn).set(rate or 0)
         published: list[tuple[Any, tuple[str, ...]]] = []
         for tier in TIER_RATES:
             for lane_name, _ in _LANES:
@@ -107,8 +111,8 @@ class GaugePublisher:
         published.append((metrics.INFLIGHT, ()))
         self._published = published
 
-    async def _numbers(self) -> AsyncIterator[list[tuple[dict[str, str], dict[str, int]]]]:
-        """Pages of (cfg record, lane lengths) of every registered number."""
+    async def _numbers(self) -> AsyncIterator[list[tuple[str, dict[str, str], dict[str, int]]]]:
+        """Pages of (phone_number_id, cfg record, lane lengths) of every registered number."""
         redis = self.store.redis
         start = "-"
         while True:
@@ -131,7 +135,7 @@ class GaugePublisher:
             replies = await self.store.pipelined(build)
             step = 1 + len(keys.LANE_LISTS)
             batch = []
-            for index in range(len(pns)):
+            for index, pn in enumerate(pns):
                 raw = replies[index * step]
                 record = {k.decode(): v.decode() for k, v in raw.items()}
                 lengths = dict(
@@ -139,7 +143,7 @@ class GaugePublisher:
                         keys.LANE_LISTS, replies[index * step + 1 : (index + 1) * step], strict=True
                     )
                 )
-                batch.append((record, lengths))
+                batch.append((pn, record, lengths))
             yield batch
             if len(pns) < PAGE:
                 return

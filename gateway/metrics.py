@@ -137,6 +137,20 @@ BACKLOG_ETA = Gauge(
     multiprocess_mode="livemostrecent",
 )
 
+# Per-number series: only with GATEWAY_METRICS_PER_NUMBER, for fleets small enough.
+NUMBER_QUEUE_DEPTH = Gauge(
+    "gateway_number_queue_depth",
+    "Queued messages of one phone number (GATEWAY_METRICS_PER_NUMBER only).",
+    ["phone_number_id"],
+    multiprocess_mode="livemostrecent",
+)
+NUMBER_RATE = Gauge(
+    "gateway_number_rate_limit_messages_per_second",
+    "The rate in force of one phone number, 0 when unlimited (GATEWAY_METRICS_PER_NUMBER only).",
+    ["phone_number_id"],
+    multiprocess_mode="livemostrecent",
+)
+
 
 class HostProcesses(Collector):
     """process_* metrics of every gateway process of this host, labelled by pid.
