@@ -20,7 +20,7 @@ from typing import Any
 
 from gateway import __version__, logs
 from gateway.errors import GatewayError
-from gateway.settings import FIELDS, Settings, env_name, flag_name, load
+from gateway.settings import FIELDS, Settings, env_name, flag_name, load, parse_bool
 
 log = logging.getLogger("gateway.cli")
 
@@ -50,7 +50,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             flag_name(field.name),
             dest=field.name,
-            metavar=field.name.split("_")[-1].upper(),
+            metavar="BOOL"
+            if field.metadata["parse"] is parse_bool
+            else field.name.split("_")[-1].upper(),
             default=argparse.SUPPRESS,
             help=(
                 f"{field.metadata['help']} "

@@ -165,7 +165,7 @@ class Settings:
     )
     worker_concurrency: int = _setting(512, "Upstream sends in flight per worker process.", int)
     shutdown_grace: float = _setting(
-        10.0, "Seconds in-flight sends get to finish on shutdown.", parse_duration
+        15.0, "Seconds in-flight sends get to finish on shutdown.", parse_duration
     )
     metrics_per_number: bool = _setting(
         False, "Export per-number series (phone_number_id label); small fleets only.", parse_bool
