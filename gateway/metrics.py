@@ -9,6 +9,7 @@ published by one process every few seconds, so they use the "most recent" mode.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +151,37 @@ NUMBER_RATE = Gauge(
     ["phone_number_id"],
     multiprocess_mode="livemostrecent",
 )
+
+
+class LocalHistogram:
+    """Observations gathered in this process and added to a shared histogram in batches.
+
+    The drain observes two histograms per message; in multiprocess mode each observation locks
+    and writes a file mapping. Counting into local buckets and flushing once per settle batch
+    gives the same histogram at a fraction of the cost. It relies on prometheus_client's
+    Histogram keeping per-bucket values in `_buckets` and the sum in `_sum` (stable for years;
+    tests/integration/test_metrics_batching.py checks the result against `observe`).
+    """
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._bounds: list[float] = list(histogram._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        if not any(self._counts):
+            return
+        for index, count in enumerate(self._counts):
+            if count:
+                self._histogram._buckets[index].inc(count)
+        self._histogram._sum.inc(self._sum)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
 
 
 class HostProcesses(Collector):

@@ -25,7 +25,7 @@ import os
 import random
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +183,8 @@ class Drain:
         )
         self.concurrency = settings.worker_concurrency
         self.drop_back_s = settings.rate_slack / 2
+        self.refill_at = max(1, min(64, self.concurrency // 8))
+        self.send_delay = metrics.LocalHistogram(metrics.SEND_DELAY)
         self.inflight: set[asyncio.Task[None]] = set()
         self.slot_freed = asyncio.Event()
         self.settle_queue: asyncio.Queue[Op | None] = asyncio.Queue()
@@ -288,7 +290,8 @@ class Drain:
                 if self.stopping.is_set():
                     return
                 free = self.concurrency - len(self.inflight)
-                if free <= 0:
+                if free < self.refill_at and self.inflight:
+                    # Take in batches: one take for a few freed slots costs as much as for many.
                     self.slot_freed.clear()
                     await self.slot_freed.wait()
                     break
@@ -389,7 +392,7 @@ class Drain:
             self._settle(
                 Op("S", item.id, item.fence, answer.upstream_message_id or "", tier=item.tier)
             )
-            metrics.SEND_DELAY.observe(max(time.time() * 1000.0 - item.created_ms, 0.0) / 1000.0)
+            self.send_delay.observe(max(time.time() * 1000.0 - item.created_ms, 0.0) / 1000.0)
         elif outcome is Outcome.THROUGHPUT:
             metrics.NUMBER_PAUSED.labels("throughput").inc()
             self._settle(Op("Q", item.id, item.fence, "throttle"))
@@ -512,15 +515,23 @@ class Drain:
         for op in ops:
             args += [op.kind, op.id, op.fence, op.a, op.b]
         codes = await self.store.script("settle", shard, args)
+        sent: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
         for op, code in zip(ops, codes, strict=True):
             if int(code) == 0:
                 continue  # stale: the lease ran out and another attempt owns the message
             if op.kind == "S":
-                metrics.MESSAGES_SENT.labels(op.tier).inc()
+                sent[op.tier] += 1
             elif int(code) == 2:
-                metrics.MESSAGES_FAILED.labels("expired").inc()
+                failed["expired"] += 1
             elif op.reason is not None:
-                metrics.MESSAGES_FAILED.labels(op.reason).inc()
+                failed[op.reason] += 1
+        for tier, count in sent.items():
+            metrics.MESSAGES_SENT.labels(tier).inc(count)
+        for reason, count in failed.items():
+            metrics.MESSAGES_FAILED.labels(reason).inc(count)
+        self.api.flush_metrics()
+        self.send_delay.flush()
 
     # -- redis outage ----------------------------------------------------------------------
 
