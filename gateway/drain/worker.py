@@ -185,7 +185,11 @@ class Drain:
         self.drop_back_s = settings.rate_slack / 2
         self.refill_at = max(1, min(64, self.concurrency // 8))
         self.send_delay = metrics.LocalHistogram(metrics.SEND_DELAY)
-        self.inflight: set[asyncio.Task[None]] = set()
+        # Messages taken and not yet settled or released, and the queue senders pull from.
+        self.held = 0
+        self.outbox: asyncio.Queue[Taken] = asyncio.Queue()
+        self.senders: list[asyncio.Task[None]] = []
+        self.chores: set[asyncio.Task[None]] = set()
         self.slot_freed = asyncio.Event()
         self.settle_queue: asyncio.Queue[Op | None] = asyncio.Queue()
         self.stopping = asyncio.Event()
@@ -219,6 +223,12 @@ class Drain:
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(self._supervise)
             self.tasks.append(task)
+        # A fixed pool of senders rather than a task per message: cheaper, and it bounds the
+        # sends in flight to `worker_concurrency` by construction.
+        for index in range(self.concurrency):
+            sender = asyncio.create_task(self._sender(), name=f"drain-sender-{index}")
+            sender.add_done_callback(self._supervise)
+            self.senders.append(sender)
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self.stopping.is_set():
@@ -244,12 +254,21 @@ class Drain:
         # The take loop notices `stopping` within one wait; a take in progress completes, so
         # nothing it was handed is left leased without a sender.
         await _finish(take, MAX_WAIT_S + 2.0)
-        if self.inflight:
-            _done, pending = await asyncio.wait(set(self.inflight), timeout=grace)
-            for task in pending:
-                task.cancel()  # each releases its message (settle op Q)
-            if pending:
-                await asyncio.wait(pending)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.held and loop.time() < deadline:
+            self.slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.slot_freed.wait(), deadline - loop.time())
+        while not self.outbox.empty():  # handed over but never started: release
+            item = self.outbox.get_nowait()
+            self._settle(Op("Q", item.id, item.fence))
+            self.held -= 1
+        for sender in self.senders:
+            sender.cancel()  # one still sending releases its message (settle op Q)
+        await asyncio.gather(*self.senders, return_exceptions=True)
+        if self.chores:
+            await asyncio.wait(set(self.chores), timeout=5.0)
         self.settle_queue.put_nowait(None)  # the settle loop ends after what is queued before
         if not await _finish(settle, 10.0):
             log.error("outcomes left unsettled at exit; their leases will run out")
@@ -289,8 +308,8 @@ class Drain:
             for shard in due:
                 if self.stopping.is_set():
                     return
-                free = self.concurrency - len(self.inflight)
-                if free < self.refill_at and self.inflight:
+                free = self.concurrency - self.held
+                if free < self.refill_at and self.held:
                     # Take in batches: one take for a few freed slots costs as much as for many.
                     self.slot_freed.clear()
                     await self.slot_freed.wait()
@@ -315,19 +334,21 @@ class Drain:
             metrics.MESSAGES_FAILED.labels("expired").inc(taken.expired)
         for tier in taken.rate_limited_tiers:
             metrics.RATE_LIMITED.labels(tier).inc()
+        self.held += len(taken.items)
         for item in taken.items:
-            task = asyncio.create_task(self._deliver(item))
-            self.inflight.add(task)
-            task.add_done_callback(self._delivered)
+            self.outbox.put_nowait(item)
         if taken.next_due_ms < 0:
             return float("inf")
         return started + max(taken.next_due_ms - taken.now_ms, 0.0) / 1000.0
 
-    def _delivered(self, task: asyncio.Task[None]) -> None:
-        self.inflight.discard(task)
-        self.slot_freed.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("delivery task failed", exc_info=task.exception())
+    async def _sender(self) -> None:
+        while True:
+            item = await self.outbox.get()
+            try:
+                await self._deliver(item)
+            finally:
+                self.held -= 1
+                self.slot_freed.set()
 
     async def _wake_loop(self) -> None:
         """Listen for wake tokens of the owned shards and hand them to the take loop.
@@ -458,8 +479,8 @@ class Drain:
                 self.deleting.discard(pn)
 
         task = asyncio.create_task(delete(), name=f"delete-{pn}")
-        self.inflight.add(task)
-        task.add_done_callback(self._delivered)
+        self.chores.add(task)
+        task.add_done_callback(self.chores.discard)
 
     # -- settling --------------------------------------------------------------------------
 
