@@ -121,14 +121,28 @@ def redis_server(cpus: set[int] | None = None) -> Iterator[str]:
     port = free_port()
     directory = tempfile.mkdtemp(prefix="bench-redis-")
     process = Process(
-        [find_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", directory]
+        [
+            find_server(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            directory,
+        ]
     )
     pin(process.pid, cpus)
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), 0.2) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     break
@@ -188,7 +202,9 @@ def store_for(redis_url: str) -> Store:
 
 async def register(store: Store, numbers: dict[str, dict[str, Any]]) -> None:
     registry = Registry(store)
-    await asyncio.gather(*(registry.put(pn, fields) for pn, fields in numbers.items()))
+    items = list(numbers.items())
+    for start in range(0, len(items), 100):  # within the client's connection pool
+        await asyncio.gather(*(registry.put(pn, f) for pn, f in items[start : start + 100]))
 
 
 async def queue(store: Store, per_number: dict[str, int], body: str = "bench") -> int:
@@ -199,8 +215,12 @@ async def queue(store: Store, per_number: dict[str, int], body: str = "bench") -
     for pn, count in per_number.items():
         for i in range(count):
             batch.append(
-                {"phone_number_id": pn, "to": "5491140123456", "type": "text",
-                 "text": {"body": f"{pn}-{i}-{body}"}}
+                {
+                    "phone_number_id": pn,
+                    "to": "5491140123456",
+                    "type": "text",
+                    "text": {"body": f"{pn}-{i}-{body}"},
+                }
             )
             if len(batch) == 1000:
                 total += (await acceptor.send_batch({"messages": batch}))["accepted"]
@@ -217,6 +237,12 @@ async def sandbox_get(root: str, path: str) -> Any:
 
 async def sandbox_put(root: str, path: str, body: Any) -> None:
     async with aiohttp.ClientSession() as http, http.put(f"{root}/_sandbox/{path}", json=body):
+        pass
+
+
+async def sandbox_clear(root: str) -> None:
+    """Forget every recorded request (and rate window) of the sandbox."""
+    async with aiohttp.ClientSession() as http, http.delete(f"{root}/_sandbox/records"):
         pass
 
 
