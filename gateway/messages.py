@@ -62,12 +62,14 @@ class Messages:
         outcome = (await self.store.script("cancel", shard, [message_id, self.retention])).decode()
         if outcome == "not_found":
             raise not_found("message")
-        if outcome in ("canceled", "expired"):
-            metrics.MESSAGES_FAILED.labels(outcome).inc()
-        if outcome != "canceled":
+        if outcome == "expired_now":
+            metrics.MESSAGES_FAILED.labels("expired").inc()
+            outcome = "expired"
+        if outcome != "done":
             raise ApiError(
                 409,
                 "not_cancelable",
                 f"The message is {outcome}; only a queued message can be canceled.",
             )
+        metrics.MESSAGES_FAILED.labels("canceled").inc()
         return {"id": message_id, "status": "canceled"}

@@ -1,5 +1,6 @@
 -- cancel: end a message that is still `queued` as `canceled`, wherever it waits (lane or retry).
--- ARGV: id, retention_s. Returns 'canceled', 'not_found', or the status that forbids it.
+-- ARGV: id, retention_s. Returns 'done' (canceled now), 'not_found', or the status that
+-- forbids it (e.g. 'sending', 'sent', 'canceled'; 'expired' when its ttl had just run out).
 local id = ARGV[1]
 local k = key_msg(id)
 local fields = redis.call('HMGET', k, 's', 'x', 'pn', 'l', 'c')
@@ -10,7 +11,7 @@ local now = now_ms()
 local list = list_of(fields[4], fields[5])
 if fields[2] and tonumber(fields[2]) <= now then
   end_queued(id, fields[3], list, 'expired', now, tonumber(ARGV[2]), nil)
-  return 'expired'
+  return 'expired_now'
 end
 end_queued(id, fields[3], list, 'canceled', now, tonumber(ARGV[2]), nil)
-return 'canceled'
+return 'done'
