@@ -42,8 +42,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     worker_cpu, other_cpu = {0}, {1}
     with stack.redis_server(other_cpu) as redis_url, stack.sandbox(other_cpu) as root:
         raw = subprocess.run(
-            [sys.executable, "-m", "bench.raw_client", f"{root}/v21.0", str(args.messages),
-             str(args.concurrency)],
+            [
+                sys.executable,
+                "-m",
+                "bench.raw_client",
+                f"{root}/v21.0",
+                str(args.messages),
+                str(args.concurrency),
+            ],
             capture_output=True,
             check=True,
             preexec_fn=lambda: stack.pin(0, worker_cpu),
@@ -61,8 +67,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(prepare())
         expected = (args.messages // len(numbers)) * len(numbers)
         with stack.gateway(
-            "worker", redis_url, root, worker_cpu,
-            GATEWAY_WORKERS="1", GATEWAY_WORKER_CONCURRENCY=str(args.concurrency),
+            "worker",
+            redis_url,
+            root,
+            worker_cpu,
+            GATEWAY_WORKERS="1",
+            GATEWAY_WORKER_CONCURRENCY=str(args.concurrency),
         ):
             asyncio.run(stack.wait_sent(root, expected + args.messages, 300))
         drain_rate = asyncio.run(_arrival_rate(root, numbers))
