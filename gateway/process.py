@@ -20,7 +20,7 @@ from enum import Enum
 import uvloop
 from aiohttp import web
 
-from gateway import logs
+from gateway import logs, metrics
 from gateway.api.app import create_app
 from gateway.drain.rates import RegistryRates
 from gateway.drain.upstream import CloudApi
@@ -76,6 +76,14 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+async def _flush_metrics(stop: asyncio.Event) -> None:
+    """Add locally gathered metrics to the shared files every second, and once at the end."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        metrics.flush_local()
+
+
 def _supervise(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
     if task.cancelled() or stop.is_set():
         return
@@ -97,6 +105,8 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     gauges = asyncio.create_task(GaugePublisher(store, worker_id).run(stop), name="gauge-publisher")
     gauges.add_done_callback(functools.partial(_supervise, stop))
+    flusher = asyncio.create_task(_flush_metrics(stop), name="metrics-flusher")
+    flusher.add_done_callback(functools.partial(_supervise, stop))
     runner: web.AppRunner | None = None
     sandbox: web.AppRunner | None = None
     api: CloudApi | None = None
@@ -136,4 +146,5 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
             await sandbox.cleanup()
         stop.set()
         await gauges
+        await flusher
         await store.close()

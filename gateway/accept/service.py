@@ -1,8 +1,9 @@
 """The accept path: valid messages into their numbers' lanes, one script call per shard.
 
-A single send is one `push` call (two with an Idempotency-Key). A batch groups its valid messages
-by shard and by number and runs one `push` per shard, concurrently; that is what makes a batch
-far cheaper per message than single sends.
+A batch groups its valid messages by shard and by number and runs one `push` per shard,
+concurrently; that is what makes a batch far cheaper per message than single sends. Single sends
+arriving together are coalesced the same way (see `Acceptor._coalesced`); a send with an
+Idempotency-Key is one `push` of its own (after the key's marker).
 """
 
 from __future__ import annotations
@@ -72,18 +73,73 @@ class Acceptor:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.max_backlog = settings.max_backlog
+        self._waiting: dict[int, list[tuple[Outbound, asyncio.Future[Accepted]]]] = {}
+        self._flush_scheduled = False
+        self._flushes: set[asyncio.Task[None]] = set()
 
     async def send(self, body: Any, idempotency: Idempotency | None) -> Accepted:
         message = parse_message(body)
+        if idempotency is not None:
+            return await self._send_idempotent(body, message, idempotency)
+        return await self._coalesced(message)
+
+    async def _coalesced(self, message: Outbound) -> Accepted:
+        """Queue one message, sharing a `push` call with the sends of the same loop turn.
+
+        Under load many single sends arrive in one turn of the event loop; they wait for that
+        turn to end and go to Redis together, one `push` per shard, so a single send costs
+        about what a message of a batch costs. Alone, a send waits for nothing but that turn.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Accepted] = loop.create_future()
+        shard = keys.shard_of(message.phone_number_id, self.store.shards)
+        self._waiting.setdefault(shard, []).append((message, done))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await done
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        waiting, self._waiting = self._waiting, {}
+        for shard, entries in waiting.items():
+            task = asyncio.create_task(self._push_waiting(shard, entries))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _push_waiting(
+        self, shard: int, entries: list[tuple[Outbound, asyncio.Future[Accepted]]]
+    ) -> None:
+        groups: dict[str, list[tuple[int, Outbound]]] = defaultdict(list)
+        for index, (message, _) in enumerate(entries):
+            groups[message.phone_number_id].append((index, message))
+        try:
+            message_ids, outcome = await self._push_shard(shard, groups)
+        except Exception as exc:  # handed to every waiting request (StoreUnavailable, mostly)
+            for _, done in entries:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (pn, group), (code, accepted, tier) in zip(groups.items(), outcome, strict=True):
+            for position, (index, message) in enumerate(group):
+                done = entries[index][1]
+                if done.done():
+                    continue  # the client went away; the message is queued all the same
+                if position < accepted:
+                    metrics.local_accepted.inc(message.category, tier)
+                    done.set_result(Accepted(message_ids[index], pn))
+                else:
+                    done.set_exception(_group_error(code, pn, self.max_backlog))
+
+    async def _send_idempotent(
+        self, body: Any, message: Outbound, idempotency: Idempotency
+    ) -> Accepted:
         pn = message.phone_number_id
         shard = keys.shard_of(pn, self.store.shards)
         message_id = ids.new_id(shard)
-        idem_args: list[Any] = ["", "", "", 0]
-        marker = None
-        if idempotency is not None:
-            digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-            marker = await self._claim_key(idempotency, pn, digest)
-            idem_args = [idempotency.scope, idempotency.key, digest, IDEMPOTENCY_TTL_S]
+        digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        marker = await self._claim_key(idempotency, pn, digest)
+        idem_args = [idempotency.scope, idempotency.key, digest, IDEMPOTENCY_TTL_S]
         reply = await self.store.script(
             "push",
             shard,
@@ -96,10 +152,9 @@ class Acceptor:
             raise _idempotency_conflict()
         accepted, tier = int(reply[1]), reply[2].decode()
         if outcome != "ok" or accepted == 0:
-            if marker is not None:
-                await self._release_key(marker)
+            await self._release_key(marker)
             raise _group_error(outcome, pn, self.max_backlog)
-        metrics.MESSAGES_ACCEPTED.labels(message.category, tier).inc()
+        metrics.local_accepted.inc(message.category, tier)
         return Accepted(message_id, pn)
 
     async def _claim_key(self, idempotency: Idempotency, pn: str, digest: str) -> str:
@@ -166,7 +221,7 @@ class Acceptor:
         if store_down and total == 0:
             raise unavailable()
         for (category, tier), count in accepted_by_label.items():
-            metrics.MESSAGES_ACCEPTED.labels(category, tier).inc(count)
+            metrics.local_accepted.inc(category, tier, amount=count)
         return {"accepted": total, "rejected": len(messages) - total, "results": results}
 
     async def _push_shard(

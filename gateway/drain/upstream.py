@@ -8,7 +8,6 @@ request rate with an `aiolimiter.AsyncLimiter`.
 from __future__ import annotations
 
 import time
-from collections import Counter
 
 import aiohttp
 import orjson
@@ -34,8 +33,6 @@ class CloudApi:
         self.pool_size = pool_size
         self.limiter = AsyncLimiter(max_mps, 1.0) if max_mps else None
         self._session: aiohttp.ClientSession | None = None
-        self._outcomes: Counter[str] = Counter()
-        self._durations = metrics.LocalHistogram(metrics.UPSTREAM_DURATION)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -77,17 +74,6 @@ class CloudApi:
             except orjson.JSONDecodeError:
                 parsed = None
             answer = classify(status, parsed)
-        self._durations.observe(time.perf_counter() - started)
-        self._outcomes[answer.outcome.value] += 1
+        metrics.local_upstream_duration.observe(time.perf_counter() - started)
+        metrics.local_upstream_requests.inc(answer.outcome.value)
         return answer
-
-    def flush_metrics(self) -> None:
-        """Add the outcomes counted since the last flush to the shared counter.
-
-        Counting locally and adding in batches keeps the per-request cost of metrics low
-        (each increment of a multiprocess counter takes a lock and writes a file mapping).
-        """
-        for outcome, count in self._outcomes.items():
-            metrics.UPSTREAM_REQUESTS.labels(outcome).inc(count)
-        self._outcomes.clear()
-        self._durations.flush()

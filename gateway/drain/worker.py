@@ -25,7 +25,7 @@ import os
 import random
 import socket
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,7 +184,6 @@ class Drain:
         self.concurrency = settings.worker_concurrency
         self.drop_back_s = settings.rate_slack / 2
         self.refill_at = max(1, min(64, self.concurrency // 8))
-        self.send_delay = metrics.LocalHistogram(metrics.SEND_DELAY)
         # Messages taken and not yet settled or released, and the queue senders pull from.
         self.held = 0
         self.outbox: asyncio.Queue[Taken] = asyncio.Queue()
@@ -413,7 +412,8 @@ class Drain:
             self._settle(
                 Op("S", item.id, item.fence, answer.upstream_message_id or "", tier=item.tier)
             )
-            self.send_delay.observe(max(time.time() * 1000.0 - item.created_ms, 0.0) / 1000.0)
+            delay_ms = time.time() * 1000.0 - item.created_ms
+            metrics.local_send_delay.observe(max(delay_ms, 0.0) / 1000.0)
         elif outcome is Outcome.THROUGHPUT:
             metrics.NUMBER_PAUSED.labels("throughput").inc()
             self._settle(Op("Q", item.id, item.fence, "throttle"))
@@ -536,23 +536,15 @@ class Drain:
         for op in ops:
             args += [op.kind, op.id, op.fence, op.a, op.b]
         codes = await self.store.script("settle", shard, args)
-        sent: Counter[str] = Counter()
-        failed: Counter[str] = Counter()
         for op, code in zip(ops, codes, strict=True):
             if int(code) == 0:
                 continue  # stale: the lease ran out and another attempt owns the message
             if op.kind == "S":
-                sent[op.tier] += 1
+                metrics.local_sent.inc(op.tier)
             elif int(code) == 2:
-                failed["expired"] += 1
+                metrics.local_failed.inc("expired")
             elif op.reason is not None:
-                failed[op.reason] += 1
-        for tier, count in sent.items():
-            metrics.MESSAGES_SENT.labels(tier).inc(count)
-        for reason, count in failed.items():
-            metrics.MESSAGES_FAILED.labels(reason).inc(count)
-        self.api.flush_metrics()
-        self.send_delay.flush()
+                metrics.local_failed.inc(op.reason)
 
     # -- redis outage ----------------------------------------------------------------------
 
