@@ -122,6 +122,10 @@ class Store:
         with unavailable_on_redis_errors():
             return await self.scripts.run(name, shard, args)
 
+    async def script_on(self, name: str, shards: list[int], args: list[Any]) -> Any:
+        with unavailable_on_redis_errors():
+            return await self.scripts.run_on(name, shards, args)
+
     async def pipelined(self, build: Callable[[Pipeline], Awaitable[None] | None]) -> list[Any]:
         """Run the commands `build` queues in one round trip (not a transaction).
 

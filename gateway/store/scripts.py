@@ -35,6 +35,10 @@ class Scripts:
     async def run(self, name: str, shard: int, args: list[Any]) -> Any:
         return await self._scripts[name](keys=[keys.prefix(shard)], args=args)
 
+    async def run_on(self, name: str, shards: list[int], args: list[Any]) -> Any:
+        """Run a script that takes the prefixes of several shards (only `push` does)."""
+        return await self._scripts[name](keys=[keys.prefix(s) for s in shards], args=args)
+
     async def run_in(self, pipe: Pipeline, name: str, shard: int, args: list[Any]) -> None:
         """Queue a script call on a pipeline (redis-py loads it first if the server lacks it)."""
         await self._scripts[name](keys=[keys.prefix(shard)], args=args, client=pipe)

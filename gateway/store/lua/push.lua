@@ -1,6 +1,9 @@
--- push: accept messages of one shard in one atomic step.
+-- push: accept messages in one atomic step.
+-- KEYS: the prefixes of the shards the messages go to (see gateway.accept.service for why one
+--       call may cover several shards).
 -- ARGV: max_backlog, idem_scope, idem_key, body_hash, idem_ttl_s,
---       then groups: pn, count, count x (id, list, category, payload, reference, ttl_s)
+--       then groups: key index (into KEYS), pn, count,
+--                    count x (id, list, category, payload, reference, ttl_s)
 -- An empty idem_key means no idempotency. Returns, for an idempotent repeat,
 -- {'replay', id} or {'conflict'}; otherwise per group {code, accepted, tier} flattened, where
 -- code is 'ok', 'unknown' or 'deleted' and accepted may fall short of count when the backlog
@@ -24,9 +27,11 @@ end
 local out = {}
 local i = 6
 while i <= #ARGV do
-  local pn = ARGV[i]
-  local count = tonumber(ARGV[i + 1])
-  i = i + 2
+  -- the prelude's key functions all read P: point it at this group's shard
+  P = KEYS[tonumber(ARGV[i])]
+  local pn = ARGV[i + 1]
+  local count = tonumber(ARGV[i + 2])
+  i = i + 3
   local cfg = key_cfg(pn)
   local number = redis.call('HMGET', cfg, 'status', 'throughput_tier', 'quality_rating')
   local status = number[1]
