@@ -11,6 +11,7 @@ import base64
 import os
 import re
 import time
+from collections.abc import Sequence
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _RANDOM_CHARS = 12  # 9 random bytes in URL-safe base64
@@ -25,15 +26,35 @@ def _time_part(ms: int) -> str:
     return "".join(reversed(chars))
 
 
+_last_ms = -1
+_last_time_part = ""
+
+
+def _now_part() -> str:
+    global _last_ms, _last_time_part
+    ms = time.time_ns() // 1_000_000
+    if ms != _last_ms:
+        _last_ms, _last_time_part = ms, _time_part(ms)
+    return _last_time_part
+
+
+def ids_for(shards: Sequence[int]) -> list[str]:
+    """A fresh id for each of `shards` (one id per entry, in order)."""
+    now = _now_part()
+    randoms = base64.urlsafe_b64encode(os.urandom(9 * len(shards))).decode()
+    return [
+        f"{shard}-{now}{randoms[i * _RANDOM_CHARS : (i + 1) * _RANDOM_CHARS]}"
+        for i, shard in enumerate(shards)
+    ]
+
+
 def new_ids(shard: int, count: int) -> list[str]:
     """`count` fresh ids in `shard`."""
-    head = f"{shard}-{_time_part(time.time_ns() // 1_000_000)}"
-    randoms = base64.urlsafe_b64encode(os.urandom(9 * count)).decode()
-    return [head + randoms[i : i + _RANDOM_CHARS] for i in range(0, 12 * count, _RANDOM_CHARS)]
+    return ids_for([shard] * count)
 
 
 def new_id(shard: int) -> str:
-    return new_ids(shard, 1)[0]
+    return ids_for([shard])[0]
 
 
 def shard_of_id(message_id: str) -> int | None:

@@ -207,15 +207,18 @@ class Acceptor:
         hash-tagged by shard, so splitting this call per shard is all a cluster would need.
         """
         shard_count = self.store.shards
+        group_shards = [keys.shard_of(pn, shard_count) for pn in groups]
+        fresh = iter(
+            ids.ids_for([s for s, g in zip(group_shards, groups.values(), strict=True) for _ in g])
+        )
         shard_keys: dict[int, int] = {}
         message_ids: dict[int, str] = {}
         args: list[Any] = [self.max_backlog, "", "", "", 0]
-        for pn, group in groups.items():
-            shard = keys.shard_of(pn, shard_count)
+        for shard, (pn, group) in zip(group_shards, groups.items(), strict=True):
             key_index = shard_keys.setdefault(shard, len(shard_keys) + 1)
-            fresh = ids.new_ids(shard, len(group))
             args += [key_index, pn, len(group)]
-            for (index, message), message_id in zip(group, fresh, strict=True):
+            for index, message in group:
+                message_id = next(fresh)
                 message_ids[index] = message_id
                 args += _message_args(message_id, message)
         reply = await self.store.script_on("push", list(shard_keys), args)

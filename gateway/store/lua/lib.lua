@@ -31,19 +31,16 @@ local function end_queued(id, pn, list, status, now, retention, error_json)
   redis.call('EXPIRE', k, retention)
 end
 
--- Queued messages of a number: lane lists minus their dead entries.
-local function lane_depth(pn, list)
-  local cfg = key_cfg(pn)
-  local n = redis.call('LLEN', key_lane(pn, list)) - tonumber(redis.call('HGET', cfg, 'd_' .. list) or '0')
-  if n < 0 then return 0 end
-  return n
-end
-
 local ALL_LISTS = {'h', 'hm', 'n', 'nm', 'l', 'lm'}
 
+-- All queued messages of a number (one HMGET for the dead counts, one LLEN per list).
 local function total_depth(pn)
+  local dead = redis.call('HMGET', key_cfg(pn), 'd_h', 'd_hm', 'd_n', 'd_nm', 'd_l', 'd_lm')
   local n = 0
-  for _, list in ipairs(ALL_LISTS) do n = n + lane_depth(pn, list) end
+  for i, list in ipairs(ALL_LISTS) do
+    n = n + redis.call('LLEN', key_lane(pn, list)) - tonumber(dead[i] or '0')
+  end
+  if n < 0 then return 0 end
   return n
 end
 
