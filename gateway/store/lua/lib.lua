@@ -33,9 +33,9 @@ end
 
 local ALL_LISTS = {'h', 'hm', 'n', 'nm', 'l', 'lm'}
 
--- All queued messages of a number (one HMGET for the dead counts, one LLEN per list).
-local function total_depth(pn)
-  local dead = redis.call('HMGET', key_cfg(pn), 'd_h', 'd_hm', 'd_n', 'd_nm', 'd_l', 'd_lm')
+-- Queued messages of a number: its lane lists minus their dead entries. `dead` holds the
+-- number's d_h, d_hm, d_n, d_nm, d_l, d_lm fields (as HMGET returns them).
+local function depth_of(pn, dead)
   local n = 0
   for i, list in ipairs(ALL_LISTS) do
     n = n + redis.call('LLEN', key_lane(pn, list)) - tonumber(dead[i] or '0')
@@ -45,13 +45,18 @@ local function total_depth(pn)
 end
 
 -- Puts a number on the ready set no later than `at` (never later than it already is), and
--- leaves a wake token when that changed anything. A number that must wait (paced or paused,
--- cfg `nx`) is scheduled at that time instead.
-local function mark_ready(pn, at)
-  local nx = tonumber(redis.call('HGET', key_cfg(pn), 'nx') or '0')
-  if nx > at then at = nx end
+-- leaves a wake token when that changed anything.
+local function schedule(pn, at)
   if redis.call('ZADD', key_ready(), 'LT', 'CH', at, pn) > 0 then
     redis.call('LPUSH', key_wake(), '1')
     redis.call('LTRIM', key_wake(), 0, 0)
   end
+end
+
+-- As `schedule`, but a number that must wait (paced or paused, cfg `nx`) is scheduled at that
+-- time instead.
+local function mark_ready(pn, at)
+  local nx = tonumber(redis.call('HGET', key_cfg(pn), 'nx') or '0')
+  if nx > at then at = nx end
+  schedule(pn, at)
 end

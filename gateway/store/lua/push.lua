@@ -32,15 +32,16 @@ while i <= #ARGV do
   local pn = ARGV[i + 1]
   local count = tonumber(ARGV[i + 2])
   i = i + 3
-  local cfg = key_cfg(pn)
-  local number = redis.call('HMGET', cfg, 'status', 'throughput_tier', 'quality_rating')
+  local number = redis.call('HMGET', key_cfg(pn), 'status', 'throughput_tier', 'quality_rating',
+                            'nx', 'd_h', 'd_hm', 'd_n', 'd_nm', 'd_l', 'd_lm')
   local status = number[1]
   if not status then
     out[#out + 1] = 'unknown'; out[#out + 1] = 0; out[#out + 1] = ''
   elseif status == 'deleted' then
     out[#out + 1] = 'deleted'; out[#out + 1] = 0; out[#out + 1] = number[2]
   else
-    local room = max_backlog - total_depth(pn)
+    local room = max_backlog - depth_of(pn, {number[5], number[6], number[7], number[8],
+                                             number[9], number[10]})
     local accepted = count
     if room < accepted then accepted = math.max(room, 0) end
     local by_list = {}
@@ -63,7 +64,9 @@ while i <= #ARGV do
     for list, ids in pairs(by_list) do
       redis.call('RPUSH', key_lane(pn, list), unpack(ids))
     end
-    if sendable and status == 'active' then mark_ready(pn, now) end
+    if sendable and status == 'active' then
+      schedule(pn, math.max(now, tonumber(number[4] or '0')))
+    end
     out[#out + 1] = 'ok'; out[#out + 1] = accepted; out[#out + 1] = number[2]
     if idem and accepted == 1 then
       redis.call('SET', idem, ARGV[4] .. ' ' .. ARGV[i], 'EX', tonumber(ARGV[5]))
