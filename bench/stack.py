@@ -28,8 +28,11 @@ from gateway.embedded_redis import find_server
 from gateway.registry import Registry
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.store.connection import LISTPACK_VALUE
 
 SHARDS = 64
+# What the embedded Redis runs with, and what README recommends for an external one.
+RECOMMENDED_REDIS_ARGS = ["--hash-max-listpack-value", str(LISTPACK_VALUE)]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -133,6 +136,7 @@ def redis_server(cpus: set[int] | None = None) -> Iterator[str]:
             "no",
             "--dir",
             directory,
+            *RECOMMENDED_REDIS_ARGS,
         ]
     )
     pin(process.pid, cpus)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from gateway.errors import ConfigError, GatewayError
+from gateway.store.connection import LISTPACK_VALUE
 
 log = logging.getLogger("gateway.redis")
 
@@ -105,6 +106,9 @@ class EmbeddedRedis:
                     "daemonize no",
                     f"logfile {self.directory / 'redis.log'}",
                     "loglevel warning",
+                    # Message hashes (a 100-byte text is a ~150-byte payload field) stay in the
+                    # compact listpack encoding: ~270 bytes a message instead of ~640.
+                    f"hash-max-listpack-value {LISTPACK_VALUE}",
                 ]
             )
             + "\n"

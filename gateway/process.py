@@ -107,6 +107,8 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
     gauges.add_done_callback(functools.partial(_supervise, stop))
     flusher = asyncio.create_task(_flush_metrics(stop), name="metrics-flusher")
     flusher.add_done_callback(functools.partial(_supervise, stop))
+    if index == 0:
+        await store.check_server_settings()
     runner: web.AppRunner | None = None
     sandbox: web.AppRunner | None = None
     api: CloudApi | None = None

@@ -10,6 +10,7 @@ so no request waits on a hung Redis longer than API.md allows.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,11 @@ from redis.retry import Retry
 from gateway.errors import StoreUnavailable
 from gateway.settings import Settings
 from gateway.store.scripts import Scripts
+
+log = logging.getLogger("gateway.store")
+
+# Message hashes keep their ~150-byte payload field in the compact encoding from this on.
+LISTPACK_VALUE = 1024
 
 _UNAVAILABLE = (
     redis_errors.ConnectionError,
@@ -145,6 +151,22 @@ class Store:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    async def check_server_settings(self) -> None:
+        """Warn once when the server's settings make the gateway expensive to run on it."""
+        try:
+            with unavailable_on_redis_errors():
+                found = await self.redis.config_get("hash-max-listpack-value")
+        except (StoreUnavailable, redis_errors.ResponseError):
+            return  # CONFIG may be disabled (managed Redis): nothing to say
+        value = next(iter(found.values()), None)
+        if value is not None and int(value) < LISTPACK_VALUE:
+            log.warning(
+                "Redis hash-max-listpack-value is %s: queued messages take about twice the "
+                "memory; set it to %d (the embedded Redis does)",
+                as_text(value),
+                LISTPACK_VALUE,
+            )
 
     async def ping(self) -> bool:
         try:
