@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", type=int, default=400)
     parser.add_argument("--numbers", type=int, default=1000)
     parser.add_argument("--per-second", type=float, default=50.0)
+    parser.add_argument(
+        "--warm-up", type=int, default=20, help="first sends not counted (connections, scripts)"
+    )
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -37,7 +40,7 @@ async def _measure(base: str, root: str, args: argparse.Namespace) -> list[float
     headers = {"Authorization": "Bearer bench-send"}
     started: dict[str, float] = {}
     async with aiohttp.ClientSession() as http:
-        for i in range(args.messages):
+        for i in range(args.warm_up + args.messages):
             pn = numbers[i % len(numbers)]
             tag = f"latency-{i}"
             body = {
@@ -52,10 +55,11 @@ async def _measure(base: str, root: str, args: argparse.Namespace) -> list[float
             await asyncio.sleep(1.0 / args.per_second)
         await asyncio.sleep(1.0)
     requests = (await stack.sandbox_get(root, "requests?limit=1000000"))["requests"]
+    counted = {f"latency-{i}" for i in range(args.warm_up, args.warm_up + args.messages)}
     return [
         (r["time"] - started[r["body"]["text"]["body"]]) * 1000.0
         for r in requests
-        if r["outcome"] == "ok" and r["body"]["text"]["body"] in started
+        if r["outcome"] == "ok" and r["body"]["text"]["body"] in counted
     ]
 
 
