@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base = f"http://127.0.0.1:{gateway.port}"  # type: ignore[attr-defined]
             single = _load(base, args)
             batch = (
+                # the batch part needs wrk; without it the figure reads 0 and the target unmet
                 _batches(base, redis_url, args) if shutil.which("wrk") else {"messages_per_s": 0.0}
             )
     ratio = single["rate"] / bare_result["rate"]
