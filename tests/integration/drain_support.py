@@ -11,10 +11,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from gateway.sandbox import StaticRates, start_sandbox
 
 from gateway.drain.upstream import CloudApi
 from gateway.drain.worker import Drain
+from gateway.sandbox import StaticRates, start_sandbox
 from gateway.settings import Settings
 from gateway.store import Store
 
