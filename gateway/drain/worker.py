@@ -279,16 +279,22 @@ class Drain:
 
     # -- taking ----------------------------------------------------------------------------
 
+    async def _owned_shards(self) -> list[int]:
+        """The shards this worker drains; with none, wait (up to a second) for some."""
+        owned = sorted(self.ownership.owned)
+        if not owned:
+            self.ownership.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ownership.changed.wait(), MAX_WAIT_S)
+        return owned
+
     async def _take_loop(self) -> None:
         loop = asyncio.get_running_loop()
         due_at: dict[int, float] = {}
         last_sweep = loop.time()
         while not self.stopping.is_set():
-            owned = sorted(self.ownership.owned)
+            owned = await self._owned_shards()
             if not owned:
-                self.ownership.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.ownership.changed.wait(), MAX_WAIT_S)
                 continue
             now = loop.time()
             if now - last_sweep >= SWEEP_EVERY_S:
@@ -357,11 +363,8 @@ class Drain:
         times, so the take loop waits on a local timer and this task only cuts it short.
         """
         while not self.stopping.is_set():
-            owned = sorted(self.ownership.owned)
+            owned = await self._owned_shards()
             if not owned:
-                self.ownership.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.ownership.changed.wait(), MAX_WAIT_S)
                 continue
             names = [keys.wake(s) for s in owned]
             try:

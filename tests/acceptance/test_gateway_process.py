@@ -19,6 +19,7 @@ from tests.acceptance.commands import Command, clean_env, gateway_bin
 from tests.servers import free_port
 
 PN = "555123456789"
+MESSAGE = {"phone_number_id": PN, "to": "5491140123456", "type": "text", "text": {"body": "hi"}}
 
 
 def call(
@@ -60,6 +61,15 @@ class Gateway:
         data: dict[str, str] = json.loads(path.read_text())
         return data
 
+    def register_and_send(self, **number: Any) -> dict[str, Any]:
+        """Register PN (with `number`'s fields) and send it one message; the 202 body."""
+        keys = self.keys()
+        status, _ = call(self.base, "PUT", f"/v1/phone-numbers/{PN}", keys["admin_key"], number)
+        assert status in (200, 201)
+        status, accepted = call(self.base, "POST", "/v1/messages", keys["send_key"], MESSAGE)
+        assert status == 202, accepted
+        return accepted
+
     def terminate(self) -> int:
         self.command.signal(signal.SIGTERM)
         return self.command.wait(30)
@@ -91,16 +101,7 @@ def test_a_queued_message_survives_a_restart(workdir: Path) -> None:
         assert keys["admin_key"] in output and keys["send_key"] in output
         assert "nothing leaves this machine" in output
         admin, send = keys["admin_key"], keys["send_key"]
-        status, _ = call(first.base, "PUT", f"/v1/phone-numbers/{PN}", admin, {"status": "pending"})
-        assert status == 201
-        status, accepted = call(
-            first.base,
-            "POST",
-            "/v1/messages",
-            send,
-            {"phone_number_id": PN, "to": "5491140123456", "type": "text", "text": {"body": "hi"}},
-        )
-        assert status == 202
+        accepted = first.register_and_send(status="pending")
         assert embedded_redis_answers(workdir)
     finally:
         code = first.terminate()
@@ -123,14 +124,7 @@ def test_with_nothing_configured_a_message_is_sent_to_the_sandbox(workdir: Path)
     gateway = Gateway(workdir).start()
     try:
         keys = gateway.keys()
-        call(gateway.base, "PUT", f"/v1/phone-numbers/{PN}", keys["admin_key"], {})
-        _, accepted = call(
-            gateway.base,
-            "POST",
-            "/v1/messages",
-            keys["send_key"],
-            {"phone_number_id": PN, "to": "5491140123456", "type": "text", "text": {"body": "hi"}},
-        )
+        accepted = gateway.register_and_send()
         for _ in range(200):
             _, status = call(
                 gateway.base, "GET", f"/v1/messages/{accepted['id']}", keys["send_key"]
@@ -155,14 +149,7 @@ def test_the_api_role_serves_without_draining(workdir: Path) -> None:
     gateway = Gateway(workdir, "api").start()
     try:
         keys = gateway.keys()
-        call(gateway.base, "PUT", f"/v1/phone-numbers/{PN}", keys["admin_key"], {})
-        _, accepted = call(
-            gateway.base,
-            "POST",
-            "/v1/messages",
-            keys["send_key"],
-            {"phone_number_id": PN, "to": "5491140123456", "type": "text", "text": {"body": "hi"}},
-        )
+        accepted = gateway.register_and_send()
         subprocess.run(["sleep", "0.5"], check=True)
         _, status = call(gateway.base, "GET", f"/v1/messages/{accepted['id']}", keys["send_key"])
         assert status["status"] == "queued"
