@@ -1,11 +1,12 @@
 """The drain worker: take due messages, send them upstream, settle what became of them.
 
-One `Drain` runs in each worker process, as three supervised tasks:
+One `Drain` runs in each worker process, as supervised tasks:
 - ownership: renews this worker's shard leases (`gateway.drain.shards`);
 - take loop: for each owned shard that is due, one `take` script call hands over messages
-  within every number's rate; each message is sent as its own task, up to
-  `worker_concurrency` in flight. With nothing due it blocks on the shards' wake lists (BLPOP)
-  until the next due time: no polling sleep.
+  within every number's rate; with nothing due it sleeps until the next due time or a wake
+  token (no polling sleep);
+- wake listener: BLPOP on the owned shards' wake lists, cutting the take loop's sleep short;
+- senders: a fixed pool of `worker_concurrency` coroutines, each sending one message at a time;
 - settle loop: outcomes are batched per shard into one `settle` call each.
 
 Rate exactness: the take script stamps each grant with the Redis server's time and keeps every

@@ -85,10 +85,9 @@ class Registry:
         return await self._write(pn, "patch", sets, removes) != "not_found"
 
     async def delete(self, pn: str) -> dict[str, Any]:
-        """Mark deleted and fail its queued messages; 404 when not registered."""
+        """Mark deleted (which fails its queued messages); 404 when not registered."""
         if not await self.change(pn, {"status": "deleted"}):
             raise not_found("phone number")
-        await self.purge(pn)
         return await self._view_or_404(pn)
 
     async def purge(self, pn: str) -> int:
