@@ -435,36 +435,24 @@ class Drain:
             )
             self._settle(Op("H", item.id, item.fence, "disconnected"))
         elif outcome is Outcome.NUMBER_GONE:
-            self._settle(
-                Op(
-                    "F",
-                    item.id,
-                    item.fence,
-                    _error_json(answer.code, answer.message),
-                    reason="permanent",
-                )
-            )
+            self._fail(item, answer, "permanent")
             self._delete_number(pn)
         elif outcome in (Outcome.TRANSIENT, Outcome.PAIR_RATE):
-            error = _error_json(answer.code, answer.message)
             if item.attempts >= self.settings.max_attempts:
-                self._settle(Op("F", item.id, item.fence, error, reason="retries_exhausted"))
+                self._fail(item, answer, "retries_exhausted")
             else:
                 if outcome is Outcome.PAIR_RATE:
                     delay = pair_rate_delay_ms(item.attempts)
                 else:
                     delay = retry_delay_ms(item.attempts, self.settings.retry_base)
+                error = _error_json(answer.code, answer.message)
                 self._settle(Op("R", item.id, item.fence, str(delay), error))
         else:
-            self._settle(
-                Op(
-                    "F",
-                    item.id,
-                    item.fence,
-                    _error_json(answer.code, answer.message),
-                    reason="permanent",
-                )
-            )
+            self._fail(item, answer, "permanent")
+
+    def _fail(self, item: Taken, answer: Answer, reason: str) -> None:
+        error = _error_json(answer.code, answer.message)
+        self._settle(Op("F", item.id, item.fence, error, reason=reason))
 
     def _delete_number(self, pn: str) -> None:
         if pn in self.deleting:
