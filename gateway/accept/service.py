@@ -1,4 +1,4 @@
-"""The accept path: valid messages into their numbers' lanes, one script call per shard.
+"""The accept path: valid messages into their numbers' lanes, one script call at a time.
 
 A batch groups its valid messages by number and queues them all with one `push` call; that is
 what makes a batch far cheaper per message than single sends. Single sends arriving together are
@@ -85,7 +85,7 @@ class Acceptor:
         """Queue one message, sharing a `push` call with the sends of the same loop turn.
 
         Under load many single sends arrive in one turn of the event loop; they wait for that
-        turn to end and go to Redis together, one `push` per shard, so a single send costs
+        turn to end and go to Redis together in one `push`, so a single send costs
         about what a message of a batch costs. Alone, a send waits for nothing but that turn.
         """
         loop = asyncio.get_running_loop()
