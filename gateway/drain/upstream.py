@@ -33,6 +33,7 @@ class CloudApi:
         self.pool_size = pool_size
         self.limiter = AsyncLimiter(max_mps, 1.0) if max_mps else None
         self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[str | None, dict[str, str]] = {}  # per access token
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -49,15 +50,13 @@ class CloudApi:
             await self._session.close()
             self._session = None
 
-    async def wait_turn(self) -> None:
-        """Wait for the process-wide rate cap, if one is set."""
-        if self.limiter is not None:
-            await self.limiter.acquire()
-
     async def send(self, phone_number_id: str, token: str | None, body: bytes) -> Answer:
         assert self._session is not None, "CloudApi.start() was not awaited"
-        bearer = token or self.default_token or ""
-        headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
+        headers = self._headers.get(token)
+        if headers is None:
+            bearer = token or self.default_token or ""
+            headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
+            self._headers[token] = headers
         url = f"{self.base_url}/{phone_number_id}/messages"
         started = time.perf_counter()
         try:

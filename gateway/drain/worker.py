@@ -214,6 +214,7 @@ class Drain:
 
     async def start(self, on_fatal: Any = None) -> None:
         self._on_fatal = on_fatal
+        self.loop = asyncio.get_running_loop()
         for name, coro in (
             ("drain-ownership", self.ownership.run(self.stopping)),
             ("drain-take", self._take_loop()),
@@ -393,9 +394,9 @@ class Drain:
     async def _deliver(self, item: Taken) -> None:
         released = False
         try:
-            await self.api.wait_turn()
-            loop = asyncio.get_running_loop()
-            if item.limit and loop.time() - item.taken_at > self.drop_back_s:
+            if self.api.limiter is not None:
+                await self.api.limiter.acquire()
+            if item.limit and self.loop.time() - item.taken_at > self.drop_back_s:
                 # Too late to keep the window exact: give the grant back and requeue.
                 released = True
                 self._settle(Op("Q", item.id, item.fence, "", item.stamp))
