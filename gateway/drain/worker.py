@@ -95,6 +95,7 @@ class TakeReply:
     items: list[Taken]
     expired: int
     rate_limited_tiers: list[str]
+    deleted: int  # leased messages failed because their number was deleted
 
 
 def parse_take(shard: int, reply: list[Any], taken_at: float) -> TakeReply:
@@ -103,8 +104,9 @@ def parse_take(shard: int, reply: list[Any], taken_at: float) -> TakeReply:
     expired, n_groups = int(reply[2]), int(reply[4])
     rate_limited = [tier for tier in reply[3].decode().split(",") if tier]
     stamp = reply[0].decode()
+    deleted = int(reply[5])
     items: list[Taken] = []
-    pos = 5
+    pos = 6
     for _ in range(n_groups):
         pn = reply[pos].decode()
         limit = int(reply[pos + 1])
@@ -132,7 +134,7 @@ def parse_take(shard: int, reply: list[Any], taken_at: float) -> TakeReply:
                 )
             )
             pos += 6
-    return TakeReply(now_ms, next_due, items, expired, rate_limited)
+    return TakeReply(now_ms, next_due, items, expired, rate_limited, deleted)
 
 
 async def _finish(task: asyncio.Task[None], within_s: float) -> bool:
@@ -338,7 +340,9 @@ class Drain:
         self._redis_back()
         taken = parse_take(shard, reply, started)
         if taken.expired:
-            metrics.MESSAGES_FAILED.labels("expired").inc(taken.expired)
+            metrics.local_failed.inc("expired", amount=taken.expired)
+        if taken.deleted:
+            metrics.local_failed.inc("phone_number_deleted", amount=taken.deleted)
         for tier in taken.rate_limited_tiers:
             metrics.RATE_LIMITED.labels(tier).inc()
         self.held += len(taken.items)
@@ -536,6 +540,8 @@ class Drain:
                 metrics.local_sent.inc(op.tier)
             elif int(code) == 2:
                 metrics.local_failed.inc("expired")
+            elif int(code) == 3:
+                metrics.local_failed.inc("phone_number_deleted")
             elif op.reason is not None:
                 metrics.local_failed.inc(op.reason)
 

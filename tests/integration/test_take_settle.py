@@ -213,3 +213,25 @@ async def test_the_window_never_grants_more_than_the_rate(store: Store, settings
         assert sum(1 for g in grants if start <= g < start + window) <= 10
     # at the rate: about 10 per second for the 2.5 s (the first second may start full)
     assert len(grants) >= 20
+
+
+async def test_a_message_in_flight_when_its_number_is_deleted_fails(
+    store: Store, settings: Settings
+) -> None:
+    registry = Registry(store)
+    await registry.put(PN, {"throughput_tier": "unlimited"})
+    retried, lapsing, sent = await queue(store, settings, 3)
+    items = {i.id: i for i in (await take(store, settings, lease_ms=100)).items}
+    await registry.delete(PN)
+    # a retry, a requeue or a hold would park it in a queue nothing drains any more
+    r = items[retried]
+    assert await settle(store, ("R", r.id, r.fence, "10", '{"code": 2}')) == [3]
+    s = items[sent]
+    assert await settle(store, ("S", s.id, s.fence, "wamid.X")) == [1]
+    await asyncio.sleep(0.15)
+    assert (await take(store, settings)).deleted == 1  # the lapsed lease
+    for message_id, wanted in ((retried, "failed"), (lapsing, "failed"), (sent, "sent")):
+        status = await Messages(store).get(message_id)
+        assert status["status"] == wanted
+        if wanted == "failed":
+            assert status["error"]["code"] == "phone_number_deleted"

@@ -4,6 +4,10 @@
 -- (bumped at every hand-over, so a late worker cannot settle a newer attempt), sa sent ms,
 -- w upstream message id, e error JSON.
 
+-- The error of a message whose number was deleted before it could be sent.
+local DELETED_ERROR = '{"code":"phone_number_deleted","message":"The phone number was ' ..
+  'deleted before this message was sent.","retryable":false}'
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -9,7 +9,10 @@
 -- Q and H put the message back at the head of its lane with its attempt not spent.
 -- An op whose fence is not the message's current one is stale (the lease ran out and another
 -- attempt owns the message) and changes nothing.
--- Returns one code per op: 0 stale, 1 done, 2 ended `expired` instead of waiting for a retry.
+-- An op that would put a message back (R, Q, H) while its number is deleted fails it with
+-- phone_number_deleted instead: nothing drains a deleted number's queue.
+-- Returns one code per op: 0 stale, 1 done, 2 ended `expired` instead of waiting for a retry,
+-- 3 failed because the number was deleted.
 local now = now_ms()
 local retention = tonumber(ARGV[1])
 local results = {}
@@ -64,7 +67,11 @@ for i = 2, #ARGV, 5 do
     redis.call('ZREM', key_lease(), id)
     if redis.call('HINCRBY', cfg, 'inflight', -1) < 0 then redis.call('HSET', cfg, 'inflight', 0) end
     local code = 1
-    if kind == 'S' then
+    if kind ~= 'S' and kind ~= 'F' and redis.call('HGET', cfg, 'status') == 'deleted' then
+      redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', DELETED_ERROR)
+      redis.call('EXPIRE', k, retention)
+      code = 3
+    elseif kind == 'S' then
       redis.call('HSET', k, 's', 'sent', 'sa', now, 'ua', now, 'w', a)
       redis.call('HDEL', k, 'e')
       redis.call('EXPIRE', k, retention)

@@ -3,7 +3,8 @@
 -- ARGV: budget (most messages to hand out), max_numbers, lease_ms, window_ms, pace_ms,
 --       headroom, unlimited_chunk, retention_s
 -- Returns {now_ms, next_due_ms (-1: nothing scheduled), expired, tiers of the numbers whose
---          window was full (comma-separated), n_groups,
+--          window was full (comma-separated), n_groups, lapsed messages failed because their
+--          number was deleted,
 --          per group: pn, limit (0 = unlimited), tier, access_token ('' = none), n_items,
 --          per item: id, fence, attempts, payload, created_ms, expires_ms ('' = none)}.
 --
@@ -22,7 +23,7 @@ local pace = tonumber(ARGV[5])
 local headroom = tonumber(ARGV[6])
 local unlimited_chunk = tonumber(ARGV[7])
 local retention = tonumber(ARGV[8])
-local expired, rate_limited = 0, {}
+local expired, deleted, rate_limited = 0, 0, {}
 local ready, lease = key_ready(), key_lease()
 
 local function ms(x) return string.format('%.3f', x) end
@@ -34,10 +35,17 @@ for _, id in ipairs(lapsed) do
   local k = key_msg(id)
   local m = redis.call('HMGET', k, 's', 'pn', 'l', 'c', 'f')
   if m[1] == 'sending' then
-    redis.call('HSET', k, 's', 'queued', 'f', tonumber(m[5]) + 1, 'ua', now_i)
-    redis.call('LPUSH', key_lane(m[2], list_of(m[3], m[4])), id)
     redis.call('HINCRBY', key_cfg(m[2]), 'inflight', -1)
-    mark_ready(m[2], now)
+    if redis.call('HGET', key_cfg(m[2]), 'status') == 'deleted' then
+      -- its number was deleted meanwhile: nothing will drain that queue again
+      redis.call('HSET', k, 's', 'failed', 'f', tonumber(m[5]) + 1, 'ua', now_i, 'e', DELETED_ERROR)
+      redis.call('EXPIRE', k, retention)
+      deleted = deleted + 1
+    else
+      redis.call('HSET', k, 's', 'queued', 'f', tonumber(m[5]) + 1, 'ua', now_i)
+      redis.call('LPUSH', key_lane(m[2], list_of(m[3], m[4])), id)
+      mark_ready(m[2], now)
+    end
   end
 end
 
@@ -206,6 +214,6 @@ local first_lease = redis.call('ZRANGE', lease, 0, 0, 'WITHSCORES')
 if first_lease[2] and (next_due < 0 or tonumber(first_lease[2]) < next_due) then
   next_due = tonumber(first_lease[2])
 end
-local out = {ms(now), ms(next_due), expired, table.concat(rate_limited, ','), n_groups}
+local out = {ms(now), ms(next_due), expired, table.concat(rate_limited, ','), n_groups, deleted}
 for _, v in ipairs(groups) do out[#out + 1] = v end
 return out
