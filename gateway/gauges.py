@@ -24,7 +24,6 @@ from gateway.store import Store, as_text, unavailable_on_redis_errors
 
 log = logging.getLogger("gateway.gauges")
 
-LEADER_KEY = f"{keys.NAMESPACE}:gauges:leader"
 REFRESH_S = 5.0
 PAGE = 100  # numbers per round trip: small enough not to stall the event loop
 _LANES = (("high", "h"), ("normal", "n"), ("low", "l"))
@@ -53,11 +52,11 @@ class GaugePublisher:
         ttl_ms = int(REFRESH_S * 3 * 1000)
         redis = self.store.redis
         with unavailable_on_redis_errors():
-            if await redis.set(LEADER_KEY, self.worker_id, nx=True, px=ttl_ms):
+            if await redis.set(keys.GAUGES_LEADER, self.worker_id, nx=True, px=ttl_ms):
                 return True
-            holder = await redis.get(LEADER_KEY)
+            holder = await redis.get(keys.GAUGES_LEADER)
             if holder is not None and as_text(holder) == self.worker_id:
-                await redis.pexpire(LEADER_KEY, ttl_ms)
+                await redis.pexpire(keys.GAUGES_LEADER, ttl_ms)
                 return True
         return False
 

@@ -24,6 +24,7 @@ Global (own slots; never used inside a script):
     gw:numbers           ZSET   every registered phone_number_id (score 0, ordered by name).
     gw:idem:<scope>:<key> STRING pn and body hash of an idempotency key, to detect reuse.
     gw:event:<id>        STRING a webhook event id already applied (7 days).
+    gw:gauges:leader     STRING the process that publishes the Redis gauges (short lease).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ _SHARD_TEMPLATES: dict[str, str] = {
 }
 
 NUMBERS = f"{NAMESPACE}:numbers"
+GAUGES_LEADER = f"{NAMESPACE}:gauges:leader"
 
 
 def shard_of(phone_number_id: str, shards: int) -> int:
