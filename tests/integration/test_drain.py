@@ -335,3 +335,19 @@ async def test_each_number_drains_at_its_rate(
 async def _depth_is_zero(client: TestClient[Any, Any], pn: str) -> bool:
     body = await number(client, pn)
     return sum(body["queue_depth"].values()) == 0 and body["inflight"] == 0
+
+
+async def test_the_process_wide_upstream_cap_bounds_unlimited_numbers(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    await register(client, PN, throughput_tier="unlimited", status="pending")
+    batch = [text_message(PN) for _ in range(60)]
+    await client.post("/v1/messages/batch", json={"messages": batch}, headers=SEND)
+    capped = drain_settings(settings, sandbox, upstream_max_mps=20.0)
+    async with running_drain(capped, store):
+        await client.patch(f"/v1/phone-numbers/{PN}", json={"status": "active"}, headers=ADMIN)
+        await eventually(lambda: _depth_is_zero(client, PN), 15.0, "the capped drain")
+    times = await sandbox.arrivals(PN)
+    assert len(times) == 60
+    # a bucket of 20 that refills at 20/s: the last 40 take at least two seconds
+    assert times[-1] - times[0] >= 1.8
