@@ -41,6 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-connections", type=int, default=8)
 
 
+def _run_pinned(command: list[str], env: dict[str, str]) -> str:
+    """Run the load generator on the load CPU; its output."""
+    return subprocess.run(
+        command,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: stack.pin(0, LOAD_CPU),
+    ).stdout
+
+
 def _wrk(url: str, args: argparse.Namespace) -> dict[str, float]:
     env = {**os.environ, "BENCH_NUMBERS": str(args.numbers), "BENCH_KEY": "bench-send"}
     command = [
@@ -53,21 +65,8 @@ def _wrk(url: str, args: argparse.Namespace) -> dict[str, float]:
         str(HERE / "wrk_send.lua"),
         url,
     ]
-    subprocess.run(
-        [*command[:3], "-d2s", *command[4:]],
-        env=env,
-        capture_output=True,
-        check=True,
-        preexec_fn=lambda: stack.pin(0, LOAD_CPU),
-    )  # warm-up
-    out = subprocess.run(
-        command,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        preexec_fn=lambda: stack.pin(0, LOAD_CPU),
-    ).stdout
+    _run_pinned([*command[:3], "-d2s", *command[4:]], env)  # warm-up
+    out = _run_pinned(command, env)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     latency = {}
@@ -144,22 +143,16 @@ def _batches(base: str, redis_url: str, args: argparse.Namespace) -> dict[str, f
     before = int(client.dbsize())
     env = {**os.environ, "BENCH_BATCH_FILE": str(body_file), "BENCH_KEY": "bench-send"}
     try:
-        out = subprocess.run(
-            [
-                "wrk",
-                "-t1",
-                f"-c{args.batch_connections}",
-                f"-d{args.batch_seconds}s",
-                "-s",
-                str(HERE / "wrk_batch.lua"),
-                base,
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-            preexec_fn=lambda: stack.pin(0, LOAD_CPU),
-        ).stdout
+        command = [
+            "wrk",
+            "-t1",
+            f"-c{args.batch_connections}",
+            f"-d{args.batch_seconds}s",
+            "-s",
+            str(HERE / "wrk_batch.lua"),
+            base,
+        ]
+        out = _run_pinned(command, env)
     finally:
         body_file.unlink()
     queued = int(client.dbsize()) - before  # one key per message (and a few lane lists)
