@@ -92,6 +92,23 @@ RATE_LIMITED = Counter(
     "Sends deferred by a number's rate limit (a take found the number's window full).",
     ["tier"],
 )
+GRANTS_RETURNED = Counter(
+    "gateway_grants_returned",
+    "Grants given back unsent: the send could not start within the tolerance (half the rate "
+    "slack) of its stamp. A sign the worker is short of CPU; should stay under 1% of sends.",
+    ["tier"],
+)
+START_LATENESS = Histogram(
+    "gateway_send_start_lateness_seconds",
+    "How long after its stamp (its planned start) each upstream request was written.",
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1),
+)
+DRAIN_START_RATE = Gauge(
+    "gateway_drain_start_rate",
+    "Sends per second the worker processes have learned they can start on time (summed over "
+    "this host's processes).",
+    multiprocess_mode="livesum",
+)
 NUMBER_PAUSED = Counter(
     "gateway_number_paused",
     "Times a number was paused or held by an upstream answer, by reason.",
@@ -224,6 +241,8 @@ local_upstream_duration = LocalHistogram(UPSTREAM_DURATION)
 local_send_delay = LocalHistogram(SEND_DELAY)
 local_sent = LocalCounter(MESSAGES_SENT)
 local_failed = LocalCounter(MESSAGES_FAILED)
+local_grants_returned = LocalCounter(GRANTS_RETURNED)
+local_start_lateness = LocalHistogram(START_LATENESS)
 
 
 class HostProcesses(Collector):

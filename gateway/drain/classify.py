@@ -21,6 +21,8 @@ class Outcome(Enum):
     NUMBER_GONE = "number_gone"
     TRANSIENT = "transient"
     PERMANENT = "permanent"
+    # Not an answer: the request was never written, its start came too late for its stamp.
+    LATE = "late"
 
 
 THROUGHPUT_CODES = frozenset({130429, 80007, 4})
@@ -34,7 +36,7 @@ _BY_CODE = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Answer:
     """One upstream answer, classified."""
 
@@ -43,6 +45,7 @@ class Answer:
     code: int | str | None = None
     message: str = ""
     http_status: int | None = None
+    started_at: float | None = None  # when the request was written (monotonic s)
 
     def error(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "retryable": False}

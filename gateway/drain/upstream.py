@@ -3,18 +3,78 @@
 `send` never raises for an upstream problem: every answer, timeout or connection error comes
 back classified (`gateway.drain.classify`). `GATEWAY_UPSTREAM_MAX_MPS` caps this process's
 request rate with an `aiolimiter.AsyncLimiter`.
+
+A send may carry a deadline, when the request must leave by (a rate-limited grant is only exact
+if it does). It is checked twice, and a late request is never written: the answer is then
+`Outcome.LATE` and nothing reached the upstream.
+- Once the connection is in hand (`_TimedConnector`): opening one (a TLS handshake to Meta
+  takes far longer than the deadline allows) can make a request late; the fresh connection then
+  goes back to the pool unused, so the next request finds it warm.
+- When aiohttp writes the body (`TimedBody`): on Python 3.11 that happens in a task of its own,
+  a loop turn after the call; the headers are only buffered until then. A refusal here closes
+  the connection, but it needs a stall between those two moments and stays rare.
 """
 
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.payload import BytesPayload
+from aiohttp.tracing import Trace
 from aiolimiter import AsyncLimiter
 
 from gateway import metrics
-from gateway.drain.classify import Answer, classify, transport_failure
+from gateway.drain.classify import Answer, Outcome, classify, transport_failure
+
+
+class _TooLate(Exception):
+    pass
+
+
+# The deadline of the request the current task is sending (a task is one sender).
+_DEADLINE: ContextVar[float] = ContextVar("deadline", default=float("inf"))
+
+
+class _TimedConnector(aiohttp.TCPConnector):
+    """Gives a connection back unused when it came too late for the request's deadline."""
+
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> Connection:
+        conn = await super().connect(req, traces, timeout)
+        if time.monotonic() > _DEADLINE.get():
+            conn.release()
+            raise _TooLate
+        return conn
+
+
+class TimedBody(BytesPayload):
+    """A JSON request body that notes when it is written and refuses to go out too late."""
+
+    def __init__(self, value: bytes, deadline: float = float("inf")) -> None:
+        super().__init__(value, content_type="application/json")
+        self.deadline = deadline
+        self.written_at: float | None = None
+        self.refused = False
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        now = time.monotonic()
+        if now > self.deadline:
+            self.refused = True
+            raise _TooLate
+        self.written_at = now
+        await super().write_with_length(writer, content_length)
 
 
 class CloudApi:
@@ -36,7 +96,7 @@ class CloudApi:
         self._headers: dict[str | None, dict[str, str]] = {}  # per access token
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
+        connector = _TimedConnector(
             limit=self.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
         )
         self._session = aiohttp.ClientSession(
@@ -50,7 +110,8 @@ class CloudApi:
             await self._session.close()
             self._session = None
 
-    async def send(self, phone_number_id: str, token: str | None, body: bytes) -> Answer:
+    async def send(self, phone_number_id: str, token: str | None, body: TimedBody) -> Answer:
+        """POST one message; never write it after the body's deadline."""
         assert self._session is not None, "CloudApi.start() was not awaited"
         headers = self._headers.get(token)
         if headers is None:
@@ -59,13 +120,18 @@ class CloudApi:
             self._headers[token] = headers
         url = f"{self.base_url}/{phone_number_id}/messages"
         started = time.perf_counter()
+        deadline = _DEADLINE.set(body.deadline)
         try:
             async with self._session.post(url, data=body, headers=headers) as response:
                 raw = await response.read()
                 status = response.status
+        except _TooLate:
+            return Answer(Outcome.LATE)
         except TimeoutError:
             answer = transport_failure("the Cloud API did not answer in time")
         except aiohttp.ClientError as exc:
+            if body.refused:
+                return Answer(Outcome.LATE)
             answer = transport_failure(f"could not reach the Cloud API: {type(exc).__name__}")
         else:
             try:
@@ -73,6 +139,9 @@ class CloudApi:
             except orjson.JSONDecodeError:
                 parsed = None
             answer = classify(status, parsed)
+        finally:
+            _DEADLINE.reset(deadline)
+        answer.started_at = body.written_at
         metrics.local_upstream_duration.observe(time.perf_counter() - started)
         metrics.local_upstream_requests.inc(answer.outcome.value)
         return answer

@@ -168,6 +168,12 @@ class Store:
                 LISTPACK_VALUE,
             )
 
+    async def server_time_ms(self) -> float:
+        """The server's clock (TIME), in milliseconds."""
+        with unavailable_on_redis_errors():
+            seconds, micros = await self.redis.time()
+        return seconds * 1000.0 + micros / 1000.0
+
     async def ping(self) -> bool:
         try:
             with unavailable_on_redis_errors():

@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway import keys
 from gateway.accept.service import Acceptor
-from gateway.drain.worker import TakeReply, parse_take
+from gateway.drain.take import TakeReply, parse_take, take_args
 from gateway.messages import Messages
 from gateway.registry import Registry
 from gateway.settings import Settings
@@ -20,14 +20,24 @@ from gateway.store import Store
 PN = "555123456789"
 
 
-def take_args(settings: Settings, budget: int = 100, lease_ms: int = 30_000) -> list[Any]:
-    return [budget, 64, lease_ms, 1000.0 + settings.rate_slack * 1000, 10.0, 0.0, 128, 3600]
+SPACING_US = 100
 
 
-async def take(store: Store, settings: Settings, **kwargs: Any) -> TakeReply:
+async def take(
+    store: Store, settings: Settings, budget: int = 100, lease_ms: int = 30_000
+) -> TakeReply:
+    """A take stamped from the server's now, SPACING_US apart."""
     shard = keys.shard_of(PN, store.shards)
-    reply = await store.script("take", shard, take_args(settings, **kwargs))
-    return parse_take(shard, reply, 0.0)
+    args = take_args(
+        1000.0 + settings.rate_slack * 1000,
+        budget=budget,
+        lease_ms=lease_ms,
+        headroom=0.0,
+        retention_s=3600,
+        start_us=0,
+        spacing_us=SPACING_US,
+    )
+    return parse_take(shard, await store.script("take", shard, args))
 
 
 async def settle(store: Store, *ops: tuple[str, ...]) -> list[int]:
@@ -204,7 +214,7 @@ async def test_the_window_never_grants_more_than_the_rate(store: Store, settings
     deadline = asyncio.get_running_loop().time() + 2.5
     while asyncio.get_running_loop().time() < deadline:
         taken = await take(store, settings)
-        grants += [taken.now_ms] * len(taken.items)
+        grants += [float(item.stamp) for item in taken.items]
         await settle(store, *[("S", i.id, i.fence, "w") for i in taken.items])
         await asyncio.sleep(0.002)
     window = 1000.0 + settings.rate_slack * 1000

@@ -1,28 +1,51 @@
--- take: hand a worker the messages of one shard that may be sent now, within each number's
--- rate, and lease them to it.
+-- take: hand a worker the messages of one shard it can start sending on schedule, within each
+-- number's rate, and lease them to it.
 -- ARGV: budget (most messages to hand out), max_numbers, lease_ms, window_ms, pace_ms,
---       headroom, unlimited_chunk, retention_s
+--       min_chunk, headroom, unlimited_chunk, retention_s,
+--       start_us (when the worker can start the first of them, on this server's clock;
+--                 0 = now), spacing_us (how far apart it can start them), max_lead_ms,
+--       lookahead_ms
 -- Returns {now_ms, next_due_ms (-1: nothing scheduled), expired, tiers of the numbers whose
 --          window was full (comma-separated), n_groups, lapsed messages failed because their
---          number was deleted,
+--          number was deleted, base_us (the first slot), slots (how many slots were used),
 --          per group: pn, limit (0 = unlimited), tier, access_token ('' = none), n_items,
---          per item: id, fence, attempts, payload, created_ms, expires_ms ('' = none)}.
+--          per item: id, fence, attempts, payload, created_ms, expires_ms ('' = none),
+--                    stamp (ms, three decimals)}.
 --
--- The rate is a sliding-window log (cfg `rl:<pn>`: grant times, newest first, at most `limit`
--- entries): granting k more is allowed when the entry at index limit - k is older than the
--- window, so no window of `window_ms` ever holds more than `limit` grants. Grants are paced:
--- about limit * pace_ms / 1000 per take, up to twice that to catch up after a late take.
+-- Every message handed out gets a send time, its stamp. The worker can start one message per
+-- slot (start + k * spacing for the k-th of the take, counting across numbers) and starts each
+-- at its stamp, so the gap between stamp and arrival upstream is only timer jitter, never this
+-- call's round trip.
+--
+-- The rate is a sliding-window log (`rl:<pn>`: stamps in ms, newest first, at most `limit`
+-- entries). The j-th grant of a take is allowed from the moment the entry that would then be the
+-- limit-th newest (old index limit - 1 - j) is `window_ms` old; so no window of `window_ms` ever
+-- holds more than `limit` stamps. Its stamp is the later of its slot and that moment, so a
+-- number at its rate re-uses each slot of its window the moment it frees (a slot granted late is
+-- rate lost for good: the log remembers it a second later too). A take may grant slots that free
+-- up to `lookahead_ms` after its first slot; the number is taken again that much before its next
+-- slot frees. Grants are also paced: about limit * pace_ms / 1000 per take (at least
+-- min_chunk), up to twice that to catch up after a late take.
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = now_us / 1000
 local now_i = math.floor(now)
 local budget = tonumber(ARGV[1])
 local max_numbers = tonumber(ARGV[2])
 local lease_ms = tonumber(ARGV[3])
 local window = tonumber(ARGV[4])
 local pace = tonumber(ARGV[5])
-local headroom = tonumber(ARGV[6])
-local unlimited_chunk = tonumber(ARGV[7])
-local retention = tonumber(ARGV[8])
+local min_chunk = tonumber(ARGV[6])
+local headroom = tonumber(ARGV[7])
+local unlimited_chunk = tonumber(ARGV[8])
+local retention = tonumber(ARGV[9])
+local spacing_us = tonumber(ARGV[11])
+local max_lead_us = tonumber(ARGV[12]) * 1000
+local lookahead = tonumber(ARGV[13])
+-- The first stamp: when the worker asked for, never in the past, never far ahead.
+local base_us = math.max(tonumber(ARGV[10]), now_us)
+if base_us > now_us + max_lead_us then base_us = now_us + max_lead_us end
+local base = base_us / 1000
 local expired, deleted, rate_limited = 0, 0, {}
 local ready, lease = key_ready(), key_lease()
 
@@ -74,18 +97,43 @@ local function has_sendable(pn, hold_marketing)
   return false
 end
 
+-- The stamps (ms) of up to `want` grants for a number whose slots start at first_us: each at its
+-- slot or when the window frees for it, whichever is later, in order, and no later than
+-- `lookahead` after the first slot.
+local function window_stamps(log, limit, want, first_us)
+  local first = first_us / 1000
+  local head = redis.call('LINDEX', log, 0)
+  local prev = -1
+  if head then prev = tonumber(head) end
+  local olds = redis.call('LRANGE', log, limit - want, limit - 1)
+  local stamps = {}
+  for j = 0, want - 1 do
+    local at = (first_us + j * spacing_us) / 1000
+    local e = olds[want - j] -- the entry at index limit - 1 - j
+    if e and tonumber(e) + window > at then at = tonumber(e) + window end
+    if prev > at then at = prev end
+    if at > first + lookahead then break end
+    stamps[j + 1] = at
+    prev = at
+  end
+  return stamps
+end
+
 local groups = {}
 local n_groups = 0
-local due = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, max_numbers)
+local handed = 0 -- messages handed out so far in this take: the next one's stamp index
+local due = redis.call('ZRANGEBYSCORE', ready, '-inf', base, 'LIMIT', 0, max_numbers)
 for _, pn in ipairs(due) do
   if budget <= 0 then break end
   local cfg = key_cfg(pn)
   local c = redis.call('HMGET', cfg, 'status', 'quality_rating', 'rate', 'nx', 'throughput_tier',
                        'access_token')
   local nx = tonumber(c[4] or '0')
+  local first_us = base_us + handed * spacing_us
+  local first = first_us / 1000
   if c[1] ~= 'active' then
     redis.call('ZREM', ready, pn)
-  elseif nx > now then
+  elseif nx > first then
     redis.call('ZADD', ready, ms(nx), pn)
   else
     local hold_marketing = c[2] == 'red'
@@ -101,25 +149,18 @@ for _, pn in ipairs(due) do
     local rate = tonumber(c[3] or '0')
     local limit = 0
     if rate > 0 then limit = math.max(1, math.floor(rate * (1 - headroom) + 1e-9)) end
-    local chunk, want, log = 0, 0, nil
+    local chunk, want, log, stamps = 0, 0, nil, nil
     if limit > 0 then
-      chunk = math.max(1, math.ceil(limit * pace / 1000))
-      want = math.min(2 * chunk, budget, limit)
+      chunk = math.min(limit, math.max(min_chunk, math.ceil(limit * pace / 1000)))
       log = key_window(pn)
-      local olds = redis.call('LRANGE', log, limit - want, limit - 1)
-      local allowed = want
-      while allowed > 0 do
-        local e = olds[want - allowed + 1]
-        if not e or tonumber(e) <= now - window then break end
-        allowed = allowed - 1
-      end
-      want = allowed
+      stamps = window_stamps(log, limit, math.min(2 * chunk, budget, limit), first_us)
+      want = #stamps
       if want == 0 then rate_limited[#rate_limited + 1] = c[5] or '' end
     else
       want = math.min(budget, unlimited_chunk)
     end
 
-    local items = {}
+    local items, written = {}, {}
     local granted = 0
     while granted < want do
       local id, list = pop_next(pn, hold_marketing)
@@ -143,6 +184,12 @@ for _, pn in ipairs(due) do
           items[#items + 1] = m[6]
           items[#items + 1] = m[2] or ''
           granted = granted + 1
+          if limit > 0 then
+            written[granted] = ms(stamps[granted])
+            items[#items + 1] = written[granted]
+          else
+            items[#items + 1] = ms((first_us + (granted - 1) * spacing_us) / 1000)
+          end
         end
       elseif m[1] then
         -- canceled or expired while it waited: a dead entry, no longer counted
@@ -154,13 +201,12 @@ for _, pn in ipairs(due) do
 
     if granted > 0 then
       budget = budget - granted
+      handed = handed + granted
       redis.call('HINCRBY', cfg, 'inflight', granted)
       if limit > 0 then
-        local stamps = {}
-        for i = 1, granted do stamps[i] = ms(now) end
-        redis.call('LPUSH', log, unpack(stamps))
+        redis.call('LPUSH', log, unpack(written))
         redis.call('LTRIM', log, 0, limit - 1)
-        redis.call('PEXPIRE', log, math.ceil(window) + 1000)
+        redis.call('PEXPIRE', log, math.ceil(window + max_lead_us / 1000) + 1000)
       end
       n_groups = n_groups + 1
       groups[#groups + 1] = pn
@@ -178,13 +224,14 @@ for _, pn in ipairs(due) do
     if has_sendable(pn, hold_marketing) then
       if limit > 0 then
         -- paced from its previous schedule, so a late take does not slow the rate down
-        local base = now
-        if nx > now - pace then base = math.max(nx, now - pace) end
-        next_at = base + granted * 1000 / limit
-        if next_at < now then next_at = now end
-        local blocker = redis.call('LINDEX', log, limit - chunk)
-        if blocker and tonumber(blocker) + window > next_at then
-          next_at = tonumber(blocker) + window
+        local sched = first
+        if nx > first - pace then sched = math.max(nx, first - pace) end
+        next_at = sched + granted * 1000 / limit
+        if next_at < first then next_at = first end
+        -- and taken again `lookahead` before its next slot frees
+        local oldest = redis.call('LINDEX', log, limit - 1)
+        if oldest and tonumber(oldest) + window - lookahead > next_at then
+          next_at = tonumber(oldest) + window - lookahead
         end
         not_before = next_at
       else
@@ -214,6 +261,7 @@ local first_lease = redis.call('ZRANGE', lease, 0, 0, 'WITHSCORES')
 if first_lease[2] and (next_due < 0 or tonumber(first_lease[2]) < next_due) then
   next_due = tonumber(first_lease[2])
 end
-local out = {ms(now), ms(next_due), expired, table.concat(rate_limited, ','), n_groups, deleted}
+local out = {ms(now), ms(next_due), expired, table.concat(rate_limited, ','), n_groups, deleted,
+             string.format('%d', base_us), handed}
 for _, v in ipairs(groups) do out[#out + 1] = v end
 return out

@@ -1,0 +1,208 @@
+"""Starting each taken message at its stamp, with a fixed pool of sender coroutines.
+
+Taken messages wait in stamp order (`waiting`, a heap); the dispatcher releases each when its
+stamp comes (up to `EARLY_S` before, the timer's granularity) to the senders, `worker_concurrency`
+coroutines that each send one message at a time. A rate-limited send that would start more than
+the tolerance (half the rate slack) after its stamp is not sent: it is put back and its grant
+returned (`gateway_grants_returned_total`). The tolerance is checked twice: when a sender picks
+the message up, and when aiohttp writes the request (see `gateway.drain.upstream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+
+from gateway import metrics
+from gateway.accept.validation import upstream_body
+from gateway.drain.classify import Outcome
+from gateway.drain.schedule import SendSchedule
+from gateway.drain.settle import Settler
+from gateway.drain.take import Taken
+from gateway.drain.upstream import CloudApi, TimedBody
+
+log = logging.getLogger("gateway.drain")
+
+EARLY_S = 0.0005
+RETURNS_WINDOW_S = 10.0
+RETURNS_WARN_SHARE = 0.1
+RETURNS_WARN_MIN = 20
+
+
+class Senders:
+    def __init__(
+        self,
+        api: CloudApi,
+        settler: Settler,
+        schedule: SendSchedule,
+        *,
+        concurrency: int,
+        tolerance_s: float,
+    ) -> None:
+        self.api = api
+        self.settler = settler
+        self.schedule = schedule
+        self.concurrency = concurrency
+        self.tolerance = tolerance_s
+        self.held = 0  # taken and not yet settled or put back
+        self.waiting: list[tuple[float, int, Taken]] = []  # a heap by start time
+        self._order = itertools.count()
+        self.ready: asyncio.Queue[Taken] = asyncio.Queue()
+        self.added = asyncio.Event()
+        self.slot_freed = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self._returns = _ReturnsWatch()
+
+    @property
+    def free(self) -> int:
+        return self.concurrency - self.held
+
+    def start(self) -> list[asyncio.Task[None]]:
+        self.tasks.append(asyncio.create_task(self._dispatch(), name="drain-dispatch"))
+        # A fixed pool of senders rather than a task per message: cheaper, and it bounds the
+        # sends in flight to `worker_concurrency` by construction.
+        for index in range(self.concurrency):
+            self.tasks.append(asyncio.create_task(self._sender(), name=f"drain-sender-{index}"))
+        return self.tasks
+
+    def add(self, items: list[Taken]) -> None:
+        """Messages a take handed over."""
+        self.held += len(items)
+        for item in items:
+            heapq.heappush(self.waiting, (item.start, next(self._order), item))
+        self.added.set()
+
+    async def stop(self, grace_s: float) -> None:
+        """Put back what has not started; let started sends finish within `grace_s`."""
+        dispatch, senders = self.tasks[0], self.tasks[1:]
+        dispatch.cancel()
+        await asyncio.gather(dispatch, return_exceptions=True)
+        unstarted = [item for _, _, item in self.waiting]
+        self.waiting.clear()
+        while not self.ready.empty():
+            unstarted.append(self.ready.get_nowait())
+        for item in unstarted:  # never started: put back, its grant returned
+            self.settler.put_back(item)
+            self._done()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.held and loop.time() < deadline:
+            self.slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.slot_freed.wait(), deadline - loop.time())
+        for sender in senders:
+            sender.cancel()  # one still sending releases its message (settle op Q)
+        await asyncio.gather(*senders, return_exceptions=True)
+
+    def _done(self) -> None:
+        self.held -= 1
+        self.slot_freed.set()
+
+    async def _dispatch(self) -> None:
+        waiting = self.waiting
+        while True:
+            if not waiting:
+                self.added.clear()
+                await self.added.wait()
+                continue
+            now = time.monotonic()
+            ahead = waiting[0][0] - now - EARLY_S
+            if ahead > 0:
+                # a take may add an earlier message meanwhile: wake for it too
+                self.added.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.added.wait(), ahead)
+                continue
+            while waiting and waiting[0][0] <= now + EARLY_S:
+                self.ready.put_nowait(heapq.heappop(waiting)[2])
+
+    async def _sender(self) -> None:
+        while True:
+            item = await self.ready.get()
+            try:
+                await self._deliver(item)
+            finally:
+                self._done()
+
+    async def _deliver(self, item: Taken) -> None:
+        deadline = item.start + self.tolerance if item.limit else float("inf")
+        body = TimedBody(upstream_body(item.payload), deadline)
+        try:
+            if self.api.limiter is not None:
+                await self.api.limiter.acquire()
+            lateness = time.monotonic() - item.start
+            if lateness > self.tolerance and item.limit:
+                self._returned(item, lateness)
+                return
+            answer = await self.api.send(item.phone_number_id, item.token, body)
+        except asyncio.CancelledError:
+            # stopping: a request never written goes back with its grant; one written may
+            # have reached the upstream, so it is queued again (at least once) and its grant
+            # stays spent
+            if body.written_at is None:
+                self.settler.put_back(item)
+            else:
+                self.settler.release(item)
+            raise
+        if answer.outcome is Outcome.LATE:
+            self._returned(item, time.monotonic() - item.start)
+            return
+        if answer.started_at is not None:
+            lateness = answer.started_at - item.start
+            self.schedule.started(lateness)
+            metrics.local_start_lateness.observe(max(lateness, 0.0))
+        self._returns.sent()
+        self.settler.record(item, answer)
+
+    def _returned(self, item: Taken, lateness: float) -> None:
+        self.schedule.started(lateness)
+        metrics.local_grants_returned.inc(item.tier)
+        self.settler.put_back(item)
+        if self._returns.returned():
+            log.warning(
+                "more than %d%% of grants in the last %.0fs were put back because their sends "
+                "could not start within %.1f ms of their stamps: this process is short of CPU "
+                "(see gateway_send_start_lateness_seconds); run more worker processes or raise "
+                "GATEWAY_RATE_SLACK",
+                int(RETURNS_WARN_SHARE * 100),
+                RETURNS_WINDOW_S,
+                self.tolerance * 1000,
+            )
+
+
+class _ReturnsWatch:
+    """Whether put-backs dominate: True at most once per window, when they pass the share."""
+
+    def __init__(self) -> None:
+        self._since = time.monotonic()
+        self._sent = 0
+        self._returned = 0
+        self._warned = False
+
+    def sent(self) -> None:
+        self._roll()
+        self._sent += 1
+
+    def returned(self) -> bool:
+        self._roll()
+        self._returned += 1
+        total = self._sent + self._returned
+        if (
+            not self._warned
+            and self._returned >= RETURNS_WARN_MIN
+            and self._returned > RETURNS_WARN_SHARE * total
+        ):
+            self._warned = True
+            return True
+        return False
+
+    def _roll(self) -> None:
+        now = time.monotonic()
+        if now - self._since >= RETURNS_WINDOW_S:
+            self._since = now
+            self._sent = self._returned = 0
+            self._warned = False

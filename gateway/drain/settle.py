@@ -1,0 +1,220 @@
+"""Recording what became of each message: outcomes batched per shard into `settle` calls.
+
+Senders hand in what happened (an upstream answer, a put-back); the settle loop sends them to
+Redis in batches, one `settle` call per shard, and retries a batch until Redis takes it: an
+outcome is never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway import metrics
+from gateway.drain.classify import Answer, Outcome
+from gateway.drain.outage import RedisOutage
+from gateway.drain.take import Taken
+from gateway.errors import StoreUnavailable
+from gateway.registry import Registry
+from gateway.settings import Settings
+from gateway.store import Store
+
+log = logging.getLogger("gateway.drain")
+
+UPGRADE_HOLD_MS = 60_000
+PAIR_RATE_FIRST_MS = 6_000
+MAX_RETRY_MS = 300_000
+SETTLE_BATCH = 1000
+
+
+@dataclass(slots=True)
+class Op:
+    """One settle operation (see settle.lua) and the failure reason to count, if any."""
+
+    kind: str
+    id: str
+    fence: str
+    a: str = ""
+    b: str = ""
+    reason: str | None = None
+    tier: str = ""
+
+
+def retry_delay_ms(attempts: int, base_s: float) -> int:
+    """Exponential backoff with jitter: ~base, doubling per attempt, capped at 5 minutes."""
+    raw = base_s * 1000.0 * (2 ** max(attempts - 1, 0))
+    return int(min(raw, MAX_RETRY_MS) * random.uniform(0.8, 1.2))
+
+
+def pair_rate_delay_ms(attempts: int) -> int:
+    raw = PAIR_RATE_FIRST_MS * (2 ** max(attempts - 1, 0))
+    return int(min(raw, MAX_RETRY_MS) * random.uniform(0.9, 1.1))
+
+
+def _error_json(code: object, message: str) -> str:
+    return orjson.dumps({"code": code, "message": message, "retryable": False}).decode()
+
+
+class Settler:
+    def __init__(self, settings: Settings, store: Store, outage: RedisOutage) -> None:
+        self.settings = settings
+        self.store = store
+        self.outage = outage
+        self.registry = Registry(store)
+        self.queue: asyncio.Queue[Op | None] = asyncio.Queue()
+        self.chores: set[asyncio.Task[None]] = set()
+        self.deleting: set[str] = set()
+
+    # -- what senders hand in ------------------------------------------------------------
+
+    def put_back(self, item: Taken) -> None:
+        """A message that was never sent: back to the head of its lane, its grant returned."""
+        self.queue.put_nowait(Op("Q", item.id, item.fence, "", item.stamp if item.limit else ""))
+
+    def release(self, item: Taken) -> None:
+        """A message whose send was cut short: queued again, its grant kept spent."""
+        self.queue.put_nowait(Op("Q", item.id, item.fence))
+
+    def record(self, item: Taken, answer: Answer) -> None:
+        outcome = answer.outcome
+        pn = item.phone_number_id
+        if outcome is Outcome.OK:
+            self._op(Op("S", item.id, item.fence, answer.upstream_message_id or "", tier=item.tier))
+            delay_ms = time.time() * 1000.0 - item.created_ms
+            metrics.local_send_delay.observe(max(delay_ms, 0.0) / 1000.0)
+        elif outcome is Outcome.THROUGHPUT:
+            metrics.NUMBER_PAUSED.labels("throughput").inc()
+            self._op(Op("Q", item.id, item.fence, "throttle"))
+        elif outcome is Outcome.UPGRADE:
+            metrics.NUMBER_PAUSED.labels("upgrade").inc()
+            self._op(Op("Q", item.id, item.fence, str(UPGRADE_HOLD_MS)))
+        elif outcome in (Outcome.AUTH, Outcome.BLOCKED):
+            metrics.NUMBER_PAUSED.labels(outcome.value).inc()
+            log.warning(
+                "upstream refused number %s (%s, code %s): number disconnected, messages held",
+                pn,
+                outcome.value,
+                answer.code,
+                extra={"phone_number_id": pn},
+            )
+            self._op(Op("H", item.id, item.fence, "disconnected"))
+        elif outcome is Outcome.NUMBER_GONE:
+            self._fail(item, answer, "permanent")
+            self._delete_number(pn)
+        elif outcome in (Outcome.TRANSIENT, Outcome.PAIR_RATE):
+            if item.attempts >= self.settings.max_attempts:
+                self._fail(item, answer, "retries_exhausted")
+            else:
+                if outcome is Outcome.PAIR_RATE:
+                    delay = pair_rate_delay_ms(item.attempts)
+                else:
+                    delay = retry_delay_ms(item.attempts, self.settings.retry_base)
+                error = _error_json(answer.code, answer.message)
+                self._op(Op("R", item.id, item.fence, str(delay), error))
+        else:
+            self._fail(item, answer, "permanent")
+
+    def _op(self, op: Op) -> None:
+        self.queue.put_nowait(op)
+
+    def _fail(self, item: Taken, answer: Answer, reason: str) -> None:
+        error = _error_json(answer.code, answer.message)
+        self._op(Op("F", item.id, item.fence, error, reason=reason))
+
+    def _delete_number(self, pn: str) -> None:
+        if pn in self.deleting:
+            return
+        self.deleting.add(pn)
+        log.warning(
+            "upstream says number %s is gone: deleting it", pn, extra={"phone_number_id": pn}
+        )
+
+        async def delete() -> None:
+            try:
+                await self.registry.change(pn, {"status": "deleted"})
+            except Exception:
+                log.exception("could not delete number %s", pn)
+            finally:
+                self.deleting.discard(pn)
+
+        task = asyncio.create_task(delete(), name=f"delete-{pn}")
+        self.chores.add(task)
+        task.add_done_callback(self.chores.discard)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Let the loop end after what is queued now (see `run`)."""
+        self.queue.put_nowait(None)
+
+    async def run(self) -> None:
+        """Settle in batches until the `None` that `finish()` queues last."""
+        while True:
+            first = await self.queue.get()
+            batch: list[Op] = []
+            ending = first is None
+            if first is not None:
+                batch.append(first)
+            while len(batch) < SETTLE_BATCH and not self.queue.empty():
+                op = self.queue.get_nowait()
+                if op is None:
+                    ending = True
+                else:
+                    batch.append(op)
+            if batch:
+                await self._settle_batch(batch)
+            if ending and self.queue.empty():
+                return
+
+    async def _settle_batch(self, batch: list[Op]) -> None:
+        """Settle until Redis takes it: an outcome is never dropped."""
+        by_shard: dict[int, list[Op]] = defaultdict(list)
+        for op in batch:
+            shard = int(op.id.split("-", 1)[0])
+            by_shard[shard].append(op)
+        pending = dict(by_shard)
+        delay = 0.1
+        while pending:
+            shards = list(pending)
+            results = await asyncio.gather(
+                *(self._settle_shard(s, pending[s]) for s in shards), return_exceptions=True
+            )
+            for shard, result in zip(shards, results, strict=True):
+                if isinstance(result, StoreUnavailable):
+                    self.outage.failed(result)
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    del pending[shard]
+            if pending:
+                await asyncio.sleep(delay)  # outage backoff
+                delay = min(delay * 2, 2.0)
+        self.outage.answered()
+
+    async def _settle_shard(self, shard: int, ops: list[Op]) -> None:
+        # Messages put back go to the head of their lane one LPUSH at a time: the last one
+        # pushed ends up first, so push them in the reverse of the order they were taken.
+        back = [op for op in ops if op.kind in ("Q", "H")]
+        ops = [op for op in ops if op.kind not in ("Q", "H")] + back[::-1]
+        args: list[Any] = [int(self.settings.status_retention)]
+        for op in ops:
+            args += [op.kind, op.id, op.fence, op.a, op.b]
+        codes = await self.store.script("settle", shard, args)
+        for op, code in zip(ops, codes, strict=True):
+            if int(code) == 0:
+                continue  # stale: the lease ran out and another attempt owns the message
+            if op.kind == "S":
+                metrics.local_sent.inc(op.tier)
+            elif int(code) == 2:
+                metrics.local_failed.inc("expired")
+            elif int(code) == 3:
+                metrics.local_failed.inc("phone_number_deleted")
+            elif op.reason is not None:
+                metrics.local_failed.inc(op.reason)

@@ -1,0 +1,122 @@
+"""What a `take` script call hands a worker, and the arguments it is called with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Grants per take for a rate-limited number: about `rate * PACE_MS / 1000`, at least MIN_CHUNK
+# (small tiers would otherwise pay a take per message), up to twice that to catch up.
+PACE_MS = 50.0
+MIN_CHUNK = 8
+MAX_NUMBERS_PER_TAKE = 64
+UNLIMITED_CHUNK = 128
+# How far ahead of the server's clock a take may start its slots.
+MAX_LEAD_MS = 200
+# A take may grant a rate-limited number the window slots that free this long after its first
+# slot, each stamped the moment it frees (see take.lua).
+LOOKAHEAD_MS = 50.0
+
+
+@dataclass(slots=True)
+class Taken:
+    """A message handed to this worker by `take`, due upstream at `start` (monotonic s)."""
+
+    shard: int
+    phone_number_id: str
+    limit: int  # the number's rate in force; 0 = unlimited
+    tier: str
+    token: str | None
+    id: str
+    fence: str
+    attempts: int
+    payload: bytes
+    created_ms: int
+    expires_ms: int | None
+    stamp: str  # its send time on the server's clock (ms), as in the number's window
+    start: float  # the same on this process's monotonic clock
+
+
+@dataclass(slots=True)
+class TakeReply:
+    now_ms: float
+    next_due_ms: float  # -1: nothing scheduled in the shard
+    items: list[Taken]
+    expired: int
+    rate_limited_tiers: list[str]
+    deleted: int  # leased messages failed because their number was deleted
+    base_us: int  # the take's first slot, on the server's clock
+    slots: int  # how many slots it used
+
+
+def take_args(
+    settings_window_ms: float,
+    *,
+    budget: int,
+    lease_ms: int,
+    headroom: float,
+    retention_s: int,
+    start_us: int,
+    spacing_us: int,
+) -> list[Any]:
+    """The ARGV of take.lua, in its order."""
+    return [
+        budget,
+        MAX_NUMBERS_PER_TAKE,
+        lease_ms,
+        settings_window_ms,
+        PACE_MS,
+        MIN_CHUNK,
+        headroom,
+        UNLIMITED_CHUNK,
+        retention_s,
+        start_us,
+        spacing_us,
+        MAX_LEAD_MS,
+        LOOKAHEAD_MS,
+    ]
+
+
+def parse_take(
+    shard: int, reply: list[Any], to_local: Callable[[int], float] | None = None
+) -> TakeReply:
+    """Read a take reply. `to_local(server_us)` maps a server time to this process's clock."""
+    now_ms = float(reply[0])
+    next_due = float(reply[1])
+    expired, n_groups = int(reply[2]), int(reply[4])
+    rate_limited = [tier for tier in reply[3].decode().split(",") if tier]
+    deleted = int(reply[5])
+    items: list[Taken] = []
+    pos = 8
+    for _ in range(n_groups):
+        pn = reply[pos].decode()
+        limit = int(reply[pos + 1])
+        tier = reply[pos + 2].decode()
+        token = reply[pos + 3].decode() or None
+        count = int(reply[pos + 4])
+        pos += 5
+        for _ in range(count):
+            expires = reply[pos + 5]
+            stamp = reply[pos + 6].decode()
+            items.append(
+                Taken(
+                    shard=shard,
+                    phone_number_id=pn,
+                    limit=limit,
+                    tier=tier,
+                    token=token,
+                    id=reply[pos].decode(),
+                    fence=str(int(reply[pos + 1])),
+                    attempts=int(reply[pos + 2]),
+                    payload=reply[pos + 3],
+                    created_ms=int(reply[pos + 4]),
+                    expires_ms=int(expires) if expires else None,
+                    stamp=stamp,
+                    start=to_local(int(float(stamp) * 1000)) if to_local is not None else 0.0,
+                )
+            )
+            pos += 7
+    return TakeReply(
+        now_ms, next_due, items, expired, rate_limited, deleted, int(reply[6]), int(reply[7])
+    )
