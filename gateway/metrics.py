@@ -95,8 +95,10 @@ RATE_LIMITED = Counter(
 GRANTS_RETURNED = Counter(
     "gateway_grants_returned",
     "Grants given back unsent: the send could not start within the tolerance (half the rate "
-    "slack) of its stamp. A sign the worker is short of CPU; should stay under 1% of sends.",
-    ["tier"],
+    "slack) of its stamp. Should stay under 1% of sends. stage: where it was caught — queued "
+    "(the process is short of CPU), connect (opening a connection took too long; it is kept "
+    "for the next send), write (a stall between the two).",
+    ["tier", "stage"],
 )
 START_LATENESS = Histogram(
     "gateway_send_start_lateness_seconds",

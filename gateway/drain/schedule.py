@@ -9,10 +9,10 @@ one step in hand, so a take's reply is back before its first message is due.
 
 `rate` is learned from how late sends start, the way TCP learns a path: when more than a tenth
 of the last period's sends started later than a third of the tolerance, the process is not
-keeping up (CPU, a busy host) and the rate shrinks by a third; when a take was cut short by the
-rate and the sends started on time, it grows by a quarter. A single late start (a new
-connection, a collection pause) is not a trend and changes nothing. Starts later than the
-tolerance are put back, counted, and should stay rare.
+keeping up (short of CPU, its own or the host's) and the rate shrinks by a fifth; when a take
+was cut short by the rate and the sends started on time, it grows by a quarter. A single late
+start (a new connection, a collection pause) is not a trend and changes nothing. Starts later
+than the tolerance are put back, counted, and should stay rare.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 
 INITIAL_RATE = 2000.0
-MIN_RATE = 50.0
+MIN_RATE = 200.0
 MAX_RATE = 100_000.0
 STEP_S = 0.02
 ADJUST_S = 0.1
 GROW = 1.25
-SHRINK = 0.7
+SHRINK = 0.8
 LATE_SHARE = 0.1
 LATE_MIN = 3
 

@@ -103,19 +103,23 @@ class Senders:
         self.slot_freed.set()
 
     async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
         waiting = self.waiting
         while True:
+            self.added.clear()
             if not waiting:
-                self.added.clear()
                 await self.added.wait()
                 continue
             now = time.monotonic()
             ahead = waiting[0][0] - now - EARLY_S
             if ahead > 0:
-                # a take may add an earlier message meanwhile: wake for it too
-                self.added.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.added.wait(), ahead)
+                # Sleep until the first is due, or until a take adds an earlier one. (Not
+                # `wait_for`: on Python 3.11 it can swallow the cancellation that stops us.)
+                timer = loop.call_later(ahead, self.added.set)
+                try:
+                    await self.added.wait()
+                finally:
+                    timer.cancel()
                 continue
             while waiting and waiting[0][0] <= now + EARLY_S:
                 self.ready.put_nowait(heapq.heappop(waiting)[2])
@@ -136,7 +140,7 @@ class Senders:
                 await self.api.limiter.acquire()
             lateness = time.monotonic() - item.start
             if lateness > self.tolerance and item.limit:
-                self._returned(item, lateness)
+                self._returned(item, lateness, "queued")
                 return
             answer = await self.api.send(item.phone_number_id, item.token, body)
         except asyncio.CancelledError:
@@ -149,7 +153,7 @@ class Senders:
                 self.settler.release(item)
             raise
         if answer.outcome is Outcome.LATE:
-            self._returned(item, time.monotonic() - item.start)
+            self._returned(item, time.monotonic() - item.start, answer.message)
             return
         if answer.started_at is not None:
             lateness = answer.started_at - item.start
@@ -158,9 +162,10 @@ class Senders:
         self._returns.sent()
         self.settler.record(item, answer)
 
-    def _returned(self, item: Taken, lateness: float) -> None:
+    def _returned(self, item: Taken, lateness: float, stage: str) -> None:
+        """A send too late to start: `stage` is where it was caught (queued, connect, write)."""
         self.schedule.started(lateness)
-        metrics.local_grants_returned.inc(item.tier)
+        metrics.local_grants_returned.inc(item.tier, stage)
         self.settler.put_back(item)
         if self._returns.returned():
             log.warning(

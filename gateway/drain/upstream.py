@@ -6,10 +6,11 @@ request rate with an `aiolimiter.AsyncLimiter`.
 
 A send may carry a deadline, when the request must leave by (a rate-limited grant is only exact
 if it does). It is checked twice, and a late request is never written: the answer is then
-`Outcome.LATE` and nothing reached the upstream.
+`Outcome.LATE` (its message says which check refused it) and nothing reached the upstream.
 - Once the connection is in hand (`_TimedConnector`): opening one (a TLS handshake to Meta
   takes far longer than the deadline allows) can make a request late; the fresh connection then
-  goes back to the pool unused, so the next request finds it warm.
+  goes back to the pool unused, so the next request finds it warm. `warm()` opens a first few
+  at start, before any send waits on them.
 - When aiohttp writes the body (`TimedBody`): on Python 3.11 that happens in a task of its own,
   a loop turn after the call; the headers are only buffered until then. A refusal here closes
   the connection, but it needs a stall between those two moments and stays rare.
@@ -17,6 +18,9 @@ if it does). It is checked twice, and a late request is never written: the answe
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from contextvars import ContextVar
 
@@ -28,9 +32,14 @@ from aiohttp.connector import Connection
 from aiohttp.payload import BytesPayload
 from aiohttp.tracing import Trace
 from aiolimiter import AsyncLimiter
+from yarl import URL
 
 from gateway import metrics
 from gateway.drain.classify import Answer, Outcome, classify, transport_failure
+
+log = logging.getLogger("gateway.drain")
+
+WARM_CONNECTIONS = 32
 
 
 class _TooLate(Exception):
@@ -97,13 +106,29 @@ class CloudApi:
 
     async def start(self) -> None:
         connector = _TimedConnector(
-            limit=self.pool_size, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+            limit=self.pool_size, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self.timeout,
             json_serialize=lambda obj: orjson.dumps(obj).decode(),
         )
+
+    async def warm(self, count: int = WARM_CONNECTIONS) -> None:
+        """Open up to `count` connections to the upstream and leave them idle in the pool."""
+        assert self._session is not None, "CloudApi.start() was not awaited"
+        connector = self._session.connector
+        assert connector is not None
+        loop = asyncio.get_running_loop()
+        url = URL(self.base_url)
+
+        async def one() -> None:
+            request = aiohttp.ClientRequest("POST", url, loop=loop)
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                connection = await connector.connect(request, [], self.timeout)
+                connection.release()
+
+        await asyncio.gather(*(one() for _ in range(min(count, self.pool_size))))
 
     async def close(self) -> None:
         if self._session is not None:
@@ -126,12 +151,12 @@ class CloudApi:
                 raw = await response.read()
                 status = response.status
         except _TooLate:
-            return Answer(Outcome.LATE)
+            return Answer(Outcome.LATE, message="connect")
         except TimeoutError:
             answer = transport_failure("the Cloud API did not answer in time")
         except aiohttp.ClientError as exc:
             if body.refused:
-                return Answer(Outcome.LATE)
+                return Answer(Outcome.LATE, message="write")
             answer = transport_failure(f"could not reach the Cloud API: {type(exc).__name__}")
         else:
             try:

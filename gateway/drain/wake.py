@@ -58,7 +58,8 @@ class WakeListener:
             return
         self.event.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.event.wait(), wait_s)
+            async with asyncio.timeout(wait_s):
+                await self.event.wait()
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -11,9 +11,12 @@ One `Drain` runs in each worker process, as supervised tasks:
 Rate exactness: `take` stamps each grant with a send time on the Redis server's clock and keeps
 every window of 1 s + `GATEWAY_RATE_SLACK` at or under the number's rate. The worker starts
 each send at its stamp (mapped to its own clock by `gateway.drain.clock`), so the gap between
-stamp and request varies only by the timer and by how busy the process is; a send that cannot
-start within half the slack of its stamp is put back with its grant. The other half of the
-slack absorbs what happens after the write (the network, the upstream's own scheduling).
+stamp and request varies only by the timer and by how busy the process is; a send that would
+leave more than a third of the slack after its stamp is put back with its grant (it never
+leaves more than 0.5 ms early). The other two thirds absorb what happens after the write: the
+network and the upstream's own receive scheduling. With the default 15 ms: the gateway's part
+is at most 5.5 ms, the upstream side's may reach 9.5 ms, and no second holds more than the
+rate.
 
 What a take asks for is sized by `gateway.drain.schedule`: the sends this process has shown it
 can start on time over the next step, from where the previous take's end. That is what keeps
@@ -49,6 +52,9 @@ from gateway.store import Store
 log = logging.getLogger("gateway.drain")
 
 SWEEP_EVERY_S = 5.0
+# The share of the rate slack a send may start late by; the rest covers what happens after the
+# request is written (the network, the upstream's own receive scheduling).
+TOLERANCE_SHARE = 1 / 3
 REFRESH_GRACE_S = 2.0
 
 
@@ -73,6 +79,7 @@ class Drain:
     ) -> None:
         self.settings = settings
         self.store = store
+        self.api = api
         self.worker_id = (
             worker_id or f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}"
         )
@@ -81,7 +88,7 @@ class Drain:
         self.outage = RedisOutage()
         self.wake = WakeListener(settings.redis_url, self.outage)
         self.clock = ServerClock()
-        tolerance = settings.rate_slack / 2
+        tolerance = settings.rate_slack * TOLERANCE_SHARE
         self.schedule = SendSchedule(tolerance, settings.upstream_max_mps)
         self.settler = Settler(settings, store, self.outage)
         self.senders = Senders(
@@ -111,6 +118,8 @@ class Drain:
         self.tasks += self.senders.start()
         for task in self.tasks:
             task.add_done_callback(self._supervise)
+        # Connections opened before the first sends need them (a chore: it ends by itself).
+        self._warming = asyncio.create_task(self.api.warm(), name="drain-warm")
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self.stopping.is_set():
@@ -131,6 +140,7 @@ class Drain:
             return
         self._stopped = True
         self.stopping.set()
+        self._warming.cancel()
         grace = self.settings.shutdown_grace if grace_s is None else grace_s
         ownership, take, settle, wake = self.tasks[:4]
         # The take loop notices `stopping` within one wait; a take in progress completes, so
@@ -155,7 +165,8 @@ class Drain:
         if not owned:
             self.ownership.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.ownership.changed.wait(), MAX_WAIT_S)
+                async with asyncio.timeout(MAX_WAIT_S):
+                    await self.ownership.changed.wait()
         return owned
 
     async def _take_loop(self) -> None:

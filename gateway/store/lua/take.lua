@@ -15,12 +15,13 @@
 -- Every message handed out gets a send time, its stamp. The worker can start one message per
 -- slot (start + k * spacing for the k-th of the take, counting across numbers) and starts each
 -- at its stamp, so the gap between stamp and arrival upstream is only timer jitter, never this
--- call's round trip.
+-- call's round trip. A rate-limited number's stamps are spread at its own rate from its first
+-- slot, so its sends (and the worker's CPU) flow evenly rather than in bursts.
 --
 -- The rate is a sliding-window log (`rl:<pn>`: stamps in ms, newest first, at most `limit`
 -- entries). The j-th grant of a take is allowed from the moment the entry that would then be the
 -- limit-th newest (old index limit - 1 - j) is `window_ms` old; so no window of `window_ms` ever
--- holds more than `limit` stamps. Its stamp is the later of its slot and that moment, so a
+-- holds more than `limit` stamps. Its stamp is the later of its place and that moment, so a
 -- number at its rate re-uses each slot of its window the moment it frees (a slot granted late is
 -- rate lost for good: the log remembers it a second later too). A take may grant slots that free
 -- up to `lookahead_ms` after its first slot; the number is taken again that much before its next
@@ -50,6 +51,8 @@ local expired, deleted, rate_limited = 0, 0, {}
 local ready, lease = key_ready(), key_lease()
 
 local function ms(x) return string.format('%.3f', x) end
+-- A stamp as written to a window: rounded up to the microsecond, never below the time checked.
+local function stamp_text(x) return ms(math.ceil(x * 1000) / 1000) end
 
 -- Leases that ran out belong to a worker that died or hung: back to the head of their lane.
 local lapsed = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, 256)
@@ -97,22 +100,25 @@ local function has_sendable(pn, hold_marketing)
   return false
 end
 
--- The stamps (ms) of up to `want` grants for a number whose slots start at first_us: each at its
--- slot or when the window frees for it, whichever is later, in order, and no later than
--- `lookahead` after the first slot.
+-- The stamps (ms) of up to `want` grants for a number whose slots start at first_us: spread at
+-- the number's own rate (or the worker's, if slower), each at its place or when the window frees
+-- for it, whichever is later, in order, and within the number's horizon: `lookahead`, or the
+-- time `want` sends take at its rate.
 local function window_stamps(log, limit, want, first_us)
   local first = first_us / 1000
+  local step = math.max(spacing_us / 1000, 1000 / limit)
+  local horizon = math.max(lookahead, want * 1000 / limit)
   local head = redis.call('LINDEX', log, 0)
   local prev = -1
   if head then prev = tonumber(head) end
   local olds = redis.call('LRANGE', log, limit - want, limit - 1)
   local stamps = {}
   for j = 0, want - 1 do
-    local at = (first_us + j * spacing_us) / 1000
+    local at = first + j * step
     local e = olds[want - j] -- the entry at index limit - 1 - j
     if e and tonumber(e) + window > at then at = tonumber(e) + window end
     if prev > at then at = prev end
-    if at > first + lookahead then break end
+    if at > first + horizon then break end
     stamps[j + 1] = at
     prev = at
   end
@@ -185,7 +191,7 @@ for _, pn in ipairs(due) do
           items[#items + 1] = m[2] or ''
           granted = granted + 1
           if limit > 0 then
-            written[granted] = ms(stamps[granted])
+            written[granted] = stamp_text(stamps[granted])
             items[#items + 1] = written[granted]
           else
             items[#items + 1] = ms((first_us + (granted - 1) * spacing_us) / 1000)
@@ -206,7 +212,7 @@ for _, pn in ipairs(due) do
       if limit > 0 then
         redis.call('LPUSH', log, unpack(written))
         redis.call('LTRIM', log, 0, limit - 1)
-        redis.call('PEXPIRE', log, math.ceil(window + max_lead_us / 1000) + 1000)
+        redis.call('PEXPIRE', log, math.ceil(window) + 3000)
       end
       n_groups = n_groups + 1
       groups[#groups + 1] = pn
