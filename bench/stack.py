@@ -177,18 +177,18 @@ def gateway(
     command: str, redis_url: str, upstream_root: str, cpus: set[int] | None = None, **settings: str
 ) -> Iterator[Process]:
     port = free_port()
-    env = clean_env(
-        GATEWAY_REDIS_URL=redis_url,
-        GATEWAY_UPSTREAM_URL=f"{upstream_root}/v21.0",
-        GATEWAY_UPSTREAM_TOKEN="bench",
-        GATEWAY_PORT=str(port),
-        GATEWAY_SHARDS=str(SHARDS),
-        GATEWAY_API_KEYS="bench-send",
-        GATEWAY_ADMIN_KEYS="bench-admin",
-        GATEWAY_LOG_LEVEL="WARNING",
-        GATEWAY_MAX_BACKLOG="10000000",
-        **settings,
-    )
+    defaults = {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_UPSTREAM_URL": f"{upstream_root}/v21.0",
+        "GATEWAY_UPSTREAM_TOKEN": "bench",
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_SHARDS": str(SHARDS),
+        "GATEWAY_API_KEYS": "bench-send",
+        "GATEWAY_ADMIN_KEYS": "bench-admin",
+        "GATEWAY_LOG_LEVEL": "WARNING",
+        "GATEWAY_MAX_BACKLOG": "10000000",
+    }
+    env = clean_env(**(defaults | settings))
     process = Process([gateway_bin(), command], env)
     pin(process.pid, cpus)
     try:

@@ -10,21 +10,25 @@ one step in hand, so a take's reply is back before its first message is due.
 `rate` is learned from how late sends start, the way TCP learns a path: when more than a tenth
 of the last period's sends started later than a third of the tolerance, the process is not
 keeping up (short of CPU, its own or the host's) and the rate shrinks by a fifth; when a take
-was cut short by the rate and the sends started on time, it grows by a quarter. A single late
-start (a new connection, a collection pause) is not a trend and changes nothing. Starts later
-than the tolerance are put back, counted, and should stay rare.
+was cut short by the rate and the sends started on time, it grows by a quarter (it doubles
+until the first time it has to shrink: a fresh process finds its speed within a second). A
+single late start (a new connection, a collection pause) is not a trend and changes nothing.
+Starts later than the tolerance are put back, counted, and should stay rare.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+
+log = logging.getLogger("gateway.drain")
 
 INITIAL_RATE = 2000.0
 MIN_RATE = 200.0
 MAX_RATE = 100_000.0
 STEP_S = 0.02
 ADJUST_S = 0.1
-GROW = 1.25
+GROW = 1.05
 SHRINK = 0.8
 LATE_SHARE = 0.1
 LATE_MIN = 3
@@ -41,6 +45,7 @@ class SendSchedule:
         self._late = 0
         self._cut_short = False
         self._period_start = 0.0
+        self._slow_start = True
 
     def spacing_us(self) -> int:
         """Microseconds between two scheduled sends."""
@@ -74,10 +79,18 @@ class SendSchedule:
         """Learn from the last period's starts (call often; acts every ADJUST_S)."""
         if now - self._period_start < ADJUST_S:
             return
+        log.debug(
+            "send schedule: %d started, %d late, cut short: %s, rate %.0f/s",
+            self._started,
+            self._late,
+            self._cut_short,
+            self.rate,
+        )
         if self._late >= max(LATE_MIN, LATE_SHARE * self._started):
             self.rate = max(MIN_RATE, self.rate * SHRINK)
+            self._slow_start = False
         elif self._cut_short:
-            self.rate = min(self.cap, self.rate * GROW)
+            self.rate = min(self.cap, self.rate * (2.0 if self._slow_start else GROW))
         self._period_start = now
         self._started = self._late = 0
         self._cut_short = False

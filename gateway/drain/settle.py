@@ -32,6 +32,9 @@ UPGRADE_HOLD_MS = 60_000
 PAIR_RATE_FIRST_MS = 6_000
 MAX_RETRY_MS = 300_000
 SETTLE_BATCH = 1000
+# A batch waits this long for company: sends finish one by one, and one settle call for many
+# outcomes costs about what one for a single outcome does.
+SETTLE_LINGER_S = 0.005
 
 
 @dataclass(slots=True)
@@ -162,6 +165,8 @@ class Settler:
             ending = first is None
             if first is not None:
                 batch.append(first)
+                if self.queue.qsize() < SETTLE_BATCH // 10:
+                    await asyncio.sleep(SETTLE_LINGER_S)
             while len(batch) < SETTLE_BATCH and not self.queue.empty():
                 op = self.queue.get_nowait()
                 if op is None:
@@ -174,40 +179,38 @@ class Settler:
                 return
 
     async def _settle_batch(self, batch: list[Op]) -> None:
-        """Settle until Redis takes it: an outcome is never dropped."""
+        """Settle until Redis takes it: an outcome is never dropped.
+
+        One `settle` call covers every shard the batch touches (see settle.lua). Retrying a
+        call that may have been applied is harmless: every op is fenced by its attempt.
+        """
         by_shard: dict[int, list[Op]] = defaultdict(list)
         for op in batch:
-            shard = int(op.id.split("-", 1)[0])
-            by_shard[shard].append(op)
-        pending = dict(by_shard)
+            by_shard[int(op.id.split("-", 1)[0])].append(op)
+        shards = list(by_shard)
+        args: list[Any] = [int(self.settings.status_retention)]
+        ordered: list[Op] = []
+        for index, shard in enumerate(shards, start=1):
+            ops = by_shard[shard]
+            # Messages put back go to the head of their lane one LPUSH at a time: the last one
+            # pushed ends up first, so push them in the reverse of the order they were taken.
+            back = [op for op in ops if op.kind in ("Q", "H")]
+            ops = [op for op in ops if op.kind not in ("Q", "H")] + back[::-1]
+            args += [index, len(ops)]
+            for op in ops:
+                args += [op.kind, op.id, op.fence, op.a, op.b]
+            ordered += ops
         delay = 0.1
-        while pending:
-            shards = list(pending)
-            results = await asyncio.gather(
-                *(self._settle_shard(s, pending[s]) for s in shards), return_exceptions=True
-            )
-            for shard, result in zip(shards, results, strict=True):
-                if isinstance(result, StoreUnavailable):
-                    self.outage.failed(result)
-                elif isinstance(result, BaseException):
-                    raise result
-                else:
-                    del pending[shard]
-            if pending:
+        while True:
+            try:
+                codes = await self.store.script_on("settle", shards, args)
+                break
+            except StoreUnavailable as exc:
+                self.outage.failed(exc)
                 await asyncio.sleep(delay)  # outage backoff
                 delay = min(delay * 2, 2.0)
         self.outage.answered()
-
-    async def _settle_shard(self, shard: int, ops: list[Op]) -> None:
-        # Messages put back go to the head of their lane one LPUSH at a time: the last one
-        # pushed ends up first, so push them in the reverse of the order they were taken.
-        back = [op for op in ops if op.kind in ("Q", "H")]
-        ops = [op for op in ops if op.kind not in ("Q", "H")] + back[::-1]
-        args: list[Any] = [int(self.settings.status_retention)]
-        for op in ops:
-            args += [op.kind, op.id, op.fence, op.a, op.b]
-        codes = await self.store.script("settle", shard, args)
-        for op, code in zip(ops, codes, strict=True):
+        for op, code in zip(ordered, codes, strict=True):
             if int(code) == 0:
                 continue  # stale: the lease ran out and another attempt owns the message
             if op.kind == "S":

@@ -1,8 +1,10 @@
 """The Lua scripts, loaded once per client and run by SHA.
 
-Each script is `keys.lua_prelude()` + `lua/lib.lua` + `lua/<name>.lua`. redis-py's Script runs
-EVALSHA and loads the script again when the server answers NOSCRIPT (after a restart or a
-SCRIPT FLUSH), so a script is sent in full only once per server.
+Each script is `keys.lua_prelude()` + `lua/lib.lua` + `lua/<name>.lua`. A call is EVALSHA, and
+the script is loaded again when the server answers NOSCRIPT (after a restart or a SCRIPT
+FLUSH), so it is sent in full only once per server. Calls go straight to `execute_command`:
+redis-py's `Script.__call__` and `evalsha` wrappers cost as much client CPU as the call itself
+on the drain's hot path. Pipelines keep redis-py's Script, which loads what a pipeline needs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from gateway import keys
 
@@ -28,16 +31,29 @@ class Scripts:
     """One attribute per script; call it with `(shard, args)`."""
 
     def __init__(self, client: Redis) -> None:
+        self._client = client
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source(name)) for name in NAMES
         }
 
     async def run(self, name: str, shard: int, args: list[Any]) -> Any:
-        return await self._scripts[name](keys=[keys.prefix(shard)], args=args)
+        return await self._call(name, [keys.prefix(shard)], args)
 
     async def run_on(self, name: str, shards: list[int], args: list[Any]) -> Any:
-        """Run a script that takes the prefixes of several shards (only `push` does)."""
-        return await self._scripts[name](keys=[keys.prefix(s) for s in shards], args=args)
+        """Run a script that takes the prefixes of several shards (`push`, `settle`)."""
+        return await self._call(name, [keys.prefix(s) for s in shards], args)
+
+    async def _call(self, name: str, prefixes: list[str], args: list[Any]) -> Any:
+        script = self._scripts[name]
+        try:
+            return await self._client.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", script.sha, len(prefixes), *prefixes, *args
+            )
+        except NoScriptError:
+            script.sha = await self._client.script_load(script.script)
+            return await self._client.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", script.sha, len(prefixes), *prefixes, *args
+            )
 
     async def run_in(self, pipe: Pipeline, name: str, shard: int, args: list[Any]) -> None:
         """Queue a script call on a pipeline (redis-py loads it first if the server lacks it)."""

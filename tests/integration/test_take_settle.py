@@ -41,7 +41,7 @@ async def take(
 
 
 async def settle(store: Store, *ops: tuple[str, ...]) -> list[int]:
-    args: list[Any] = [3600]
+    args: list[Any] = [3600, 1, len(ops)]
     for op in ops:
         args += list(op) + [""] * (5 - len(op))
     shard = keys.shard_of(PN, store.shards)

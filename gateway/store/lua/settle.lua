@@ -1,5 +1,9 @@
--- settle: record what became of messages a worker took; many messages of one shard per call.
--- ARGV: retention_s, then 5 per op: kind, id, fence, a, b
+-- settle: record what became of messages a worker took; many messages, of several shards, per
+-- call (one call per batch: a call per shard cost a round trip each, which made the drain's
+-- cost grow with the count of numbers sharing it).
+-- KEYS: the prefixes of the shards the ops belong to.
+-- ARGV: retention_s, then groups: key index (into KEYS), n_ops, then 5 per op: kind, id, fence,
+--       a, b
 --   S sent      a = upstream message id
 --   R retry     a = delay ms, b = last error JSON
 --   Q requeue   a = pause: '' none, 'throttle' (1 s, doubling while it repeats, cap 60 s) or ms;
@@ -55,8 +59,7 @@ local function pause(pn, how)
   end
 end
 
-for i = 2, #ARGV, 5 do
-  local kind, id, fence, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+local function settle_one(kind, id, fence, a, b)
   local k = key_msg(id)
   local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a')
   if m[1] ~= 'sending' or m[2] ~= fence then
@@ -104,5 +107,16 @@ for i = 2, #ARGV, 5 do
     end
     results[#results + 1] = code
   end
+end
+
+local g = 2
+while g <= #ARGV do
+  -- the prelude's key functions all read P: point it at this group's shard
+  P = KEYS[tonumber(ARGV[g])]
+  local n = tonumber(ARGV[g + 1])
+  for i = g + 2, g + 1 + n * 5, 5 do
+    settle_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+  end
+  g = g + 2 + n * 5
 end
 return results
