@@ -5,15 +5,16 @@ back classified (`gateway.drain.classify`). `GATEWAY_UPSTREAM_MAX_MPS` caps this
 request rate with an `aiolimiter.AsyncLimiter`.
 
 A send may carry a deadline, when the request must leave by (a rate-limited grant is only exact
-if it does). It is checked twice, and a late request is never written: the answer is then
+if it does), and an earlier `start_by`. A late request is never written: the answer is then
 `Outcome.LATE` (its message says which check refused it) and nothing reached the upstream.
-- Once the connection is in hand (`_TimedConnector`): opening one (a TLS handshake to Meta
-  takes far longer than the deadline allows) can make a request late; the fresh connection then
-  goes back to the pool unused, so the next request finds it warm. `warm()` opens a first few
-  at start, before any send waits on them.
-- When aiohttp writes the body (`TimedBody`): on Python 3.11 that happens in a task of its own,
-  a loop turn after the call; the headers are only buffered until then. A refusal here closes
-  the connection, but it needs a stall between those two moments and stays rare.
+- Once the connection is in hand (`_TimedConnector`), against `start_by`: opening one (a TLS
+  handshake to Meta takes far longer than a deadline allows) can make a request late; the fresh
+  connection then goes back to the pool unused, so the next request finds it warm. `warm()`
+  opens a first few at start, before any send waits on them.
+- When aiohttp writes the body (`TimedBody`), against the deadline: on Python 3.11 that happens
+  in a task of its own, a loop turn after the call; the headers are only buffered until then.
+  A refusal here closes the connection (and the next send pays for a new one), so `start_by`
+  leaves room for that loop turn and this check only catches a stall in between.
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ class _TooLate(Exception):
     pass
 
 
-# The deadline of the request the current task is sending (a task is one sender).
+# When the request the current task is sending must have its connection (a task is one sender).
 _DEADLINE: ContextVar[float] = ContextVar("deadline", default=float("inf"))
 
 
 class _TimedConnector(aiohttp.TCPConnector):
-    """Gives a connection back unused when it came too late for the request's deadline."""
+    """Gives a connection back unused when it came too late for the request's start."""
 
     async def connect(
         self,
@@ -69,9 +70,12 @@ class _TimedConnector(aiohttp.TCPConnector):
 class TimedBody(BytesPayload):
     """A JSON request body that notes when it is written and refuses to go out too late."""
 
-    def __init__(self, value: bytes, deadline: float = float("inf")) -> None:
+    def __init__(
+        self, value: bytes, start_by: float = float("inf"), deadline: float = float("inf")
+    ) -> None:
         super().__init__(value, content_type="application/json")
-        self.deadline = deadline
+        self.start_by = start_by  # when the connection must be in hand
+        self.deadline = deadline  # when the request must be written
         self.written_at: float | None = None
         self.refused = False
 
@@ -145,7 +149,7 @@ class CloudApi:
             self._headers[token] = headers
         url = f"{self.base_url}/{phone_number_id}/messages"
         started = time.perf_counter()
-        deadline = _DEADLINE.set(body.deadline)
+        deadline = _DEADLINE.set(body.start_by)
         try:
             async with self._session.post(url, data=body, headers=headers) as response:
                 raw = await response.read()

@@ -19,7 +19,18 @@ from redis.exceptions import NoScriptError
 
 from gateway import keys
 
-NAMES = ("push", "status", "cancel", "number_put", "purge", "take", "settle", "claim", "members")
+NAMES = (
+    "push",
+    "status",
+    "cancel",
+    "number_put",
+    "purge",
+    "take",
+    "settle",
+    "claim",
+    "members",
+    "gauges",
+)
 
 
 def source(name: str) -> str:
