@@ -1,18 +1,28 @@
 """This worker's send schedule: how many messages a take asks for, and for when.
 
-A grant is only exact if its send starts within the tolerance (half the rate slack) of its
-stamp. So a take is sized by what this process can start on time, not by its free sender slots
-or by how many numbers are due: the schedule keeps `rate`, the sends per second this process
-starts on time, and lays each take's messages out one after another at that rate from `cursor`
-(where the previous take's end). It asks for about `STEP_S` of work per take and keeps about
-one step in hand, so a take's reply is back before its first message is due.
+A grant is only exact if its send starts within the tolerance of its stamp. So a take is sized
+by what this process can start on time, not by its free sender slots or by how many numbers are
+due: the schedule keeps `rate`, the sends per second this process starts on time, and lays
+each take's messages out one after another at that rate from `cursor` (where the previous
+take's end). It asks for about `STEP_S` of work per take and keeps about one step in hand, so a
+take's reply is back before its first message is due.
 
-`rate` is learned from how late sends start, the way TCP learns a path: when more than a tenth
-of the last period's sends started later than a third of the tolerance, the process is not
-keeping up (short of CPU, its own or the host's) and the rate shrinks by a fifth; when a take
-was cut short by the rate and the sends started on time, it grows by a quarter (it doubles
-until the first time it has to shrink: a fresh process finds its speed within a second). A
-single late start (a new connection, a collection pause) is not a trend and changes nothing.
+`rate` is learned every `ADJUST_S` from how busy the process was (the share of the period its
+event loop ran or waited for a CPU: `busy_seconds`) and how late its sends started:
+- An event loop that is always busy runs long turns, and a send due during a long turn starts
+  late. So while rate-limited sends are scheduled, the rate is kept where the process is busy
+  80-90% of the time (`BUSY_LIMITED`): above that the rate eases below what was started.
+  Unlimited sends have no time to keep and may use the whole CPU.
+- Many late starts (over a tenth of them later than a third of the tolerance) while busy mean
+  the process is not keeping up: the rate drops well below what it did start. After such a
+  drop, the sends already scheduled at the old rate still start late for a while: the schedule
+  waits until they have gone (`_settled_at`) before it judges again, or one overload would
+  shrink it to the floor.
+- Late starts in a mostly idle process are someone else's doing (a slow Redis reply, a stalled
+  host): sending less would not help, so the rate holds. A single late start (a new
+  connection, a collection pause) is not a trend and changes nothing.
+- When a take was cut short by the rate and the process has room, the rate grows by a tenth (it
+  doubles until the first drop: a fresh process finds its speed within a second).
 Starts later than the tolerance are put back, counted, and should stay rare.
 """
 
@@ -20,6 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from pathlib import Path
 
 log = logging.getLogger("gateway.drain")
 
@@ -28,10 +40,15 @@ MIN_RATE = 200.0
 MAX_RATE = 100_000.0
 STEP_S = 0.02
 ADJUST_S = 0.1
-GROW = 1.05
-SHRINK = 0.8
+GROW = 1.1
+EASE = 0.95
+SHRINK = 0.85
 LATE_SHARE = 0.1
 LATE_MIN = 3
+# Shares of a period the process ran or waited for a CPU: with rate-limited sends it grows below
+# the first and eases off above the second; unlimited sends alone may use all of it.
+BUSY_LIMITED = (0.8, 0.9)
+BUSY_UNLIMITED = (0.95, 1.0)
 
 
 class SendSchedule:
@@ -43,9 +60,12 @@ class SendSchedule:
         self.cursor = 0.0  # when the last message already scheduled starts (monotonic s)
         self._started = 0
         self._late = 0
+        self._limited = False  # a rate-limited send started this period
         self._cut_short = False
         self._period_start = 0.0
         self._slow_start = True
+        self._settled_at = 0.0  # before this, starts were scheduled at an older rate
+        self._period_busy = busy_seconds()
 
     def spacing_us(self) -> int:
         """Microseconds between two scheduled sends."""
@@ -69,28 +89,65 @@ class SendSchedule:
         if count >= budget and budget < free_slots:
             self._cut_short = True  # there may be more to send than the rate allowed
 
-    def started(self, lateness: float) -> None:
-        """A send started `lateness` seconds after its stamp."""
+    def started(self, lateness: float, limited: bool) -> None:
+        """A send started `lateness` seconds after its stamp (`limited`: a rate-limited one).
+
+        Only rate-limited sends have a time to keep: an unlimited one may start whenever.
+        """
         self._started += 1
-        if lateness > self.late_after:
-            self._late += 1
+        if limited:
+            self._limited = True
+            if lateness > self.late_after:
+                self._late += 1
 
     def adjust(self, now: float) -> None:
         """Learn from the last period's starts (call often; acts every ADJUST_S)."""
-        if now - self._period_start < ADJUST_S:
+        elapsed = now - self._period_start
+        if elapsed < ADJUST_S:
             return
+        busy_total = busy_seconds()
+        busy = (busy_total - self._period_busy) / elapsed
+        late = self._late >= max(LATE_MIN, LATE_SHARE * self._started)
         log.debug(
-            "send schedule: %d started, %d late, cut short: %s, rate %.0f/s",
+            "send schedule: %d started, %d late, busy %.2f, cut short: %s, rate %.0f/s",
             self._started,
             self._late,
+            busy,
             self._cut_short,
             self.rate,
         )
-        if self._late >= max(LATE_MIN, LATE_SHARE * self._started):
-            self.rate = max(MIN_RATE, self.rate * SHRINK)
+        achieved = self._started / elapsed
+        room, ceiling = BUSY_LIMITED if self._limited else BUSY_UNLIMITED
+        if now < self._settled_at:
+            pass  # the sends of the previous rate are still starting: too soon to judge
+        elif late and busy >= room:
+            # below what it managed to start: the overload has to drain
+            self.rate = max(MIN_RATE, min(self.rate, achieved) * SHRINK)
             self._slow_start = False
-        elif self._cut_short:
-            self.rate = min(self.cap, self.rate * (2.0 if self._slow_start else GROW))
+            self._settled_at = self.cursor
+        elif busy > ceiling:
+            self.rate = max(MIN_RATE, min(self.rate, achieved) * EASE)
+            self._slow_start = False
+        elif self._cut_short and not late and busy < room:
+            grown = max(self.rate, achieved) * (2.0 if self._slow_start else GROW)
+            self.rate = min(self.cap, grown)
         self._period_start = now
+        self._period_busy = busy_total
         self._started = self._late = 0
-        self._cut_short = False
+        self._limited = self._cut_short = False
+
+
+_SCHEDSTAT = Path("/proc/self/schedstat")
+
+
+def busy_seconds() -> float:
+    """Seconds this process's main thread has run or waited in a run queue (Linux), else CPU time.
+
+    Waiting counts: on a crowded host a process that wants the CPU all the time but gets half of
+    it is as saturated as one that runs all the time.
+    """
+    try:
+        on_cpu, waiting = _SCHEDSTAT.read_text().split()[:2]
+    except (OSError, ValueError):
+        return time.process_time()
+    return (int(on_cpu) + int(waiting)) / 1e9

@@ -166,14 +166,14 @@ class Senders:
             return
         if answer.started_at is not None:
             lateness = answer.started_at - item.start
-            self.schedule.started(lateness)
+            self.schedule.started(lateness, bool(item.limit))
             metrics.local_start_lateness.observe(max(lateness, 0.0))
         self._returns.sent()
         self.settler.record(item, answer)
 
     def _returned(self, item: Taken, lateness: float, stage: str) -> None:
         """A send too late to start: `stage` is where it was caught (queued, connect, write)."""
-        self.schedule.started(lateness)
+        self.schedule.started(lateness, bool(item.limit))
         metrics.local_grants_returned.inc(item.tier, stage)
         self.settler.put_back(item)
         if self._returns.returned():
