@@ -12,7 +12,8 @@ event loop ran or waited for a CPU: `busy_seconds`) and how late its sends start
 - An event loop that is always busy runs long turns, and a send due during a long turn starts
   late. So while rate-limited sends are scheduled, the rate is kept where the process is busy
   80-90% of the time (`BUSY_LIMITED`): above that the rate eases below what was started.
-  Unlimited sends have no time to keep and may use the whole CPU.
+  Unlimited sends have no time to keep: with only those, the rate grows whenever a take was cut
+  short, and free sender slots are what bounds them.
 - Many late starts (over a tenth of them later than a third of the tolerance) while busy mean
   the process is not keeping up: the rate drops well below what it did start. After such a
   drop, the sends already scheduled at the old rate still start late for a while: the schedule
@@ -46,15 +47,16 @@ SHRINK = 0.85
 LATE_SHARE = 0.1
 LATE_MIN = 3
 # Shares of a period the process ran or waited for a CPU: with rate-limited sends it grows below
-# the first and eases off above the second; unlimited sends alone may use all of it.
-BUSY_LIMITED = (0.8, 0.9)
-BUSY_UNLIMITED = (0.95, 1.0)
+# the first and eases off above the second. Unlimited sends alone may use all of it, and more
+# of them than it can start at once only wait for a sender (their free slots bound them).
+BUSY_LIMITED = (0.85, 0.95)
+BUSY_UNLIMITED = (math.inf, math.inf)
 
 
 class SendSchedule:
     def __init__(self, tolerance_s: float, max_rate: float | None = None) -> None:
         self.tolerance = tolerance_s
-        self.late_after = tolerance_s / 3
+        self.late_after = tolerance_s / 2
         self.cap = min(MAX_RATE, max_rate) if max_rate else MAX_RATE
         self.rate = min(INITIAL_RATE, self.cap)
         self.cursor = 0.0  # when the last message already scheduled starts (monotonic s)

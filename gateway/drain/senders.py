@@ -1,12 +1,13 @@
 """Starting each taken message at its stamp, with a fixed pool of sender coroutines.
 
-Taken messages wait in stamp order (`waiting`, a heap); the dispatcher releases each when its
-stamp comes (up to `EARLY_S` before, the timer's granularity) to the senders, `worker_concurrency`
-coroutines that each send one message at a time. A rate-limited send that would be written more
-than the tolerance after its stamp is not sent: it is put back and its grant returned
-(`gateway_grants_returned_total`). It is checked when a sender picks the message up and when the
-connection is in hand (against the tolerance less `WRITE_MARGIN_S`), and when aiohttp writes the
-request (against the tolerance itself; see `gateway.drain.upstream`).
+Rate-limited messages wait in stamp order (`waiting`, a heap); the dispatcher releases each when
+its stamp comes to the senders, `worker_concurrency` coroutines that each send one message at a
+time. Unlimited messages have no time to keep and go to the senders at once. A rate-limited
+send that would be written more than the tolerance after its stamp is not sent: it is put back
+and its grant returned (`gateway_grants_returned_total`). It is checked when a sender picks the
+message up and when the connection is in hand (against the tolerance less `WRITE_MARGIN_S`),
+and when aiohttp writes the request (against the tolerance itself; see
+`gateway.drain.upstream`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gateway.drain.upstream import CloudApi, TimedBody
 
 log = logging.getLogger("gateway.drain")
 
+# The dispatcher releases what is due up to this early (the timer's granularity).
 EARLY_S = 0.0005
 # A send must be under way this much before its deadline: what is left covers the loop turn
 # before aiohttp writes the request (p99 about 1.5 ms on a busy worker).
@@ -74,10 +76,14 @@ class Senders:
         return self.tasks
 
     def add(self, items: list[Taken]) -> None:
-        """Messages a take handed over."""
+        """Messages a take handed over: rate-limited ones wait for their stamps, the rest go."""
         self.held += len(items)
         for item in items:
-            heapq.heappush(self.waiting, (item.start, next(self._order), item))
+            if item.limit:
+                heapq.heappush(self.waiting, (item.start, next(self._order), item))
+            else:
+                # no time to keep: started at once, in bulk, which is cheapest per send
+                self.ready.put_nowait(item)
         self.added.set()
 
     async def stop(self, grace_s: float) -> None:

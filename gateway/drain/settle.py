@@ -32,8 +32,9 @@ UPGRADE_HOLD_MS = 60_000
 PAIR_RATE_FIRST_MS = 6_000
 MAX_RETRY_MS = 300_000
 SETTLE_BATCH = 1000
-# A batch waits this long for company: sends finish one by one, and one settle call for many
-# outcomes costs about what one for a single outcome does.
+# A batch of plain "sent" outcomes waits this long for company: sends finish one by one, and one
+# settle call for many outcomes costs about what one for a single outcome does. Anything else
+# (a pause, a hold, a retry) is settled at once: it changes what the next take may do.
 SETTLE_LINGER_S = 0.005
 
 
@@ -165,7 +166,7 @@ class Settler:
             ending = first is None
             if first is not None:
                 batch.append(first)
-                if self.queue.qsize() < SETTLE_BATCH // 10:
+                if first.kind == "S" and self.queue.qsize() < SETTLE_BATCH // 10:
                     await asyncio.sleep(SETTLE_LINGER_S)
             while len(batch) < SETTLE_BATCH and not self.queue.empty():
                 op = self.queue.get_nowait()

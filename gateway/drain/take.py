@@ -17,6 +17,8 @@ MAX_LEAD_MS = 200
 # A take may grant a rate-limited number the window slots that free this long after its first
 # slot, each stamped the moment it frees (see take.lua).
 LOOKAHEAD_MS = 50.0
+# Rate-limited stamps fall on a grid of this many ms, so sends start a handful at a time.
+QUANTUM_MS = 4.0
 
 
 @dataclass(slots=True)
@@ -41,7 +43,7 @@ class Taken:
 @dataclass(slots=True)
 class TakeReply:
     now_ms: float
-    next_due_ms: float  # -1: nothing scheduled in the shard
+    next_due_ms: dict[int, float]  # per shard taken from; -1: nothing scheduled in it
     items: list[Taken]
     expired: int
     rate_limited_tiers: list[str]
@@ -75,20 +77,22 @@ def take_args(
         spacing_us,
         MAX_LEAD_MS,
         LOOKAHEAD_MS,
+        QUANTUM_MS,
     ]
 
 
 def parse_take(
-    shard: int, reply: list[Any], to_local: Callable[[int], float] | None = None
+    shards: list[int], reply: list[Any], to_local: Callable[[int], float] | None = None
 ) -> TakeReply:
-    """Read a take reply. `to_local(server_us)` maps a server time to this process's clock."""
+    """Read the reply of a take from `shards`. `to_local(server_us)` maps a server time to this
+    process's clock."""
     now_ms = float(reply[0])
-    next_due = float(reply[1])
-    expired, n_groups = int(reply[2]), int(reply[4])
-    rate_limited = [tier for tier in reply[3].decode().split(",") if tier]
-    deleted = int(reply[5])
+    expired, n_groups = int(reply[1]), int(reply[3])
+    rate_limited = [tier for tier in reply[2].decode().split(",") if tier]
+    deleted = int(reply[4])
+    next_due = {shard: float(reply[7 + i]) for i, shard in enumerate(shards)}
     items: list[Taken] = []
-    pos = 8
+    pos = 7 + len(shards)
     for _ in range(n_groups):
         pn = reply[pos].decode()
         limit = int(reply[pos + 1])
@@ -97,16 +101,17 @@ def parse_take(
         count = int(reply[pos + 4])
         pos += 5
         for _ in range(count):
+            message_id = reply[pos].decode()
             expires = reply[pos + 5]
             stamp = reply[pos + 6].decode()
             items.append(
                 Taken(
-                    shard=shard,
+                    shard=int(message_id.split("-", 1)[0]),
                     phone_number_id=pn,
                     limit=limit,
                     tier=tier,
                     token=token,
-                    id=reply[pos].decode(),
+                    id=message_id,
                     fence=str(int(reply[pos + 1])),
                     attempts=int(reply[pos + 2]),
                     payload=reply[pos + 3],
@@ -118,5 +123,5 @@ def parse_take(
             )
             pos += 7
     return TakeReply(
-        now_ms, next_due, items, expired, rate_limited, deleted, int(reply[6]), int(reply[7])
+        now_ms, next_due, items, expired, rate_limited, deleted, int(reply[5]), int(reply[6])
     )

@@ -192,12 +192,13 @@ class Drain:
                 soonest = min(due_at[s] for s in owned)
                 await self.wake.wait(min(max(soonest - start, 0.0005), MAX_WAIT_S))
                 continue
+            # One take serves every due shard; in a new order each time, as the budget may run
+            # out before the last.
             random.shuffle(due)
-            for shard in due:
-                await self._make_room()
-                if self.stopping.is_set():
-                    return
-                due_at[shard] = await self._take(shard)
+            await self._make_room()
+            if self.stopping.is_set():
+                return
+            due_at.update(await self._take(due))
 
     def _learn(self, now: float) -> None:
         before = self.schedule.rate
@@ -221,8 +222,8 @@ class Drain:
             else:
                 return
 
-    async def _take(self, shard: int) -> float:
-        """Take from one shard and hand the messages to the senders; when it is next due."""
+    async def _take(self, shards: list[int]) -> dict[int, float]:
+        """Take from these shards and hand the messages to the senders; when each is next due."""
         free = self.senders.free
         budget = self.schedule.budget(free)
         start = self.schedule.next_start(time.monotonic(), self.clock.lead)
@@ -238,15 +239,15 @@ class Drain:
         )
         sent = time.monotonic()
         try:
-            reply = await self.store.script("take", shard, args)
+            reply = await self.store.script_on("take", shards, args)
         except StoreUnavailable as exc:
             self.outage.failed(exc)
             await asyncio.sleep(0.2)  # outage backoff, not a polling sleep on the normal path
-            return time.monotonic()
+            return dict.fromkeys(shards, time.monotonic())
         received = time.monotonic()
         self.outage.answered()
         self.clock.observe(sent, float(reply[0]), received)
-        taken = parse_take(shard, reply, self.clock.to_local)
+        taken = parse_take(shards, reply, self.clock.to_local)
         if taken.expired:
             metrics.local_failed.inc("expired", amount=taken.expired)
         if taken.deleted:
@@ -258,6 +259,7 @@ class Drain:
             self.schedule.scheduled(slots_end, taken.slots, budget, free)
         if taken.items:
             self.senders.add(taken.items)
-        if taken.next_due_ms < 0:
-            return float("inf")
-        return self.clock.to_local(int(taken.next_due_ms * 1000))
+        return {
+            shard: float("inf") if due_ms < 0 else self.clock.to_local(int(due_ms * 1000))
+            for shard, due_ms in taken.next_due_ms.items()
+        }

@@ -37,7 +37,7 @@ async def take(
         start_us=0,
         spacing_us=SPACING_US,
     )
-    return parse_take(shard, await store.script("take", shard, args))
+    return parse_take([shard], await store.script("take", shard, args))
 
 
 async def settle(store: Store, *ops: tuple[str, ...]) -> list[int]:

@@ -1,13 +1,17 @@
--- take: hand a worker the messages of one shard it can start sending on schedule, within each
--- number's rate, and lease them to it.
+-- take: hand a worker the messages of some shards it can start sending on schedule, within each
+-- number's rate, and lease them to it. One call covers every shard the worker finds due (a call
+-- per shard cost a round trip each, and with many numbers each paced shard has only a few
+-- messages due at a time: the round trips, not the sends, set the drain's pace).
+-- KEYS: the prefixes of the shards, in the order to serve them (the budget may run out).
 -- ARGV: budget (most messages to hand out), max_numbers, lease_ms, window_ms, pace_ms,
 --       min_chunk, headroom, unlimited_chunk, retention_s,
 --       start_us (when the worker can start the first of them, on this server's clock;
 --                 0 = now), spacing_us (how far apart it can start them), max_lead_ms,
---       lookahead_ms
--- Returns {now_ms, next_due_ms (-1: nothing scheduled), expired, tiers of the numbers whose
---          window was full (comma-separated), n_groups, lapsed messages failed because their
---          number was deleted, base_us (the first slot), slots (how many slots were used),
+--       lookahead_ms, quantum_ms
+-- Returns {now_ms, expired, tiers of the numbers whose window was full (comma-separated),
+--          n_groups, lapsed messages failed because their number was deleted, base_us (the first
+--          slot), slots (how many slots were used),
+--          per shard (in KEYS order): next_due_ms (-1: nothing scheduled),
 --          per group: pn, limit (0 = unlimited), tier, access_token ('' = none), n_items,
 --          per item: id, fence, attempts, payload, created_ms, expires_ms ('' = none),
 --                    stamp (ms, three decimals)}.
@@ -16,7 +20,9 @@
 -- slot (start + k * spacing for the k-th of the take, counting across numbers) and starts each
 -- at its stamp, so the gap between stamp and arrival upstream is only timer jitter, never this
 -- call's round trip. A rate-limited number's stamps are spread at its own rate from its first
--- slot, so its sends (and the worker's CPU) flow evenly rather than in bursts.
+-- slot, so its sends (and the worker's CPU) flow evenly rather than in bursts, and rounded up to
+-- a grid of `quantum_ms`, so that the worker starts them a handful at a time: an event loop turn
+-- per send would cost more CPU than the send.
 --
 -- The rate is a sliding-window log (`rl:<pn>`: stamps in ms, newest first, at most `limit`
 -- entries). The j-th grant of a take is allowed from the moment the entry that would then be the
@@ -43,34 +49,37 @@ local retention = tonumber(ARGV[9])
 local spacing_us = tonumber(ARGV[11])
 local max_lead_us = tonumber(ARGV[12]) * 1000
 local lookahead = tonumber(ARGV[13])
+local quantum = tonumber(ARGV[14])
 -- The first stamp: when the worker asked for, never in the past, never far ahead.
 local base_us = math.max(tonumber(ARGV[10]), now_us)
 if base_us > now_us + max_lead_us then base_us = now_us + max_lead_us end
 local base = base_us / 1000
 local expired, deleted, rate_limited = 0, 0, {}
-local ready, lease = key_ready(), key_lease()
 
 local function ms(x) return string.format('%.3f', x) end
 -- A stamp as written to a window: rounded up to the microsecond, never below the time checked.
 local function stamp_text(x) return ms(math.ceil(x * 1000) / 1000) end
 
 -- Leases that ran out belong to a worker that died or hung: back to the head of their lane.
-local lapsed = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, 256)
-for _, id in ipairs(lapsed) do
-  redis.call('ZREM', lease, id)
-  local k = key_msg(id)
-  local m = redis.call('HMGET', k, 's', 'pn', 'l', 'c', 'f')
-  if m[1] == 'sending' then
-    redis.call('HINCRBY', key_cfg(m[2]), 'inflight', -1)
-    if redis.call('HGET', key_cfg(m[2]), 'status') == 'deleted' then
-      -- its number was deleted meanwhile: nothing will drain that queue again
-      redis.call('HSET', k, 's', 'failed', 'f', tonumber(m[5]) + 1, 'ua', now_i, 'e', DELETED_ERROR)
-      redis.call('EXPIRE', k, retention)
-      deleted = deleted + 1
-    else
-      redis.call('HSET', k, 's', 'queued', 'f', tonumber(m[5]) + 1, 'ua', now_i)
-      redis.call('LPUSH', key_lane(m[2], list_of(m[3], m[4])), id)
-      mark_ready(m[2], now)
+local function take_back_lapsed(lease)
+  local lapsed = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, 256)
+  for _, id in ipairs(lapsed) do
+    redis.call('ZREM', lease, id)
+    local k = key_msg(id)
+    local m = redis.call('HMGET', k, 's', 'pn', 'l', 'c', 'f')
+    if m[1] == 'sending' then
+      redis.call('HINCRBY', key_cfg(m[2]), 'inflight', -1)
+      if redis.call('HGET', key_cfg(m[2]), 'status') == 'deleted' then
+        -- its number was deleted meanwhile: nothing will drain that queue again
+        redis.call('HSET', k, 's', 'failed', 'f', tonumber(m[5]) + 1, 'ua', now_i,
+                   'e', DELETED_ERROR)
+        redis.call('EXPIRE', k, retention)
+        deleted = deleted + 1
+      else
+        redis.call('HSET', k, 's', 'queued', 'f', tonumber(m[5]) + 1, 'ua', now_i)
+        redis.call('LPUSH', key_lane(m[2], list_of(m[3], m[4])), id)
+        mark_ready(m[2], now)
+      end
     end
   end
 end
@@ -117,6 +126,7 @@ local function window_stamps(log, limit, want, first_us)
     local at = first + j * step
     local e = olds[want - j] -- the entry at index limit - 1 - j
     if e and tonumber(e) + window > at then at = tonumber(e) + window end
+    at = math.ceil(at / quantum) * quantum
     if prev > at then at = prev end
     if at > first + horizon then break end
     stamps[j + 1] = at
@@ -128,146 +138,165 @@ end
 local groups = {}
 local n_groups = 0
 local handed = 0 -- messages handed out so far in this take: the next one's stamp index
-local due = redis.call('ZRANGEBYSCORE', ready, '-inf', base, 'LIMIT', 0, max_numbers)
-for _, pn in ipairs(due) do
-  if budget <= 0 then break end
-  local cfg = key_cfg(pn)
-  local c = redis.call('HMGET', cfg, 'status', 'quality_rating', 'rate', 'nx', 'throughput_tier',
-                       'access_token')
-  local nx = tonumber(c[4] or '0')
-  local first_us = base_us + handed * spacing_us
-  local first = first_us / 1000
-  if c[1] ~= 'active' then
-    redis.call('ZREM', ready, pn)
-  elseif nx > first then
-    redis.call('ZADD', ready, ms(nx), pn)
-  else
-    local hold_marketing = c[2] == 'red'
-    local retry = key_retry(pn)
-    local back = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, 256)
-    for i = #back, 1, -1 do
-      local id = back[i]
-      local m = redis.call('HMGET', key_msg(id), 'l', 'c')
-      if m[1] then redis.call('LPUSH', key_lane(pn, list_of(m[1], m[2])), id) end
-      redis.call('ZREM', retry, id)
-    end
 
-    local rate = tonumber(c[3] or '0')
-    local limit = 0
-    if rate > 0 then limit = math.max(1, math.floor(rate * (1 - headroom) + 1e-9)) end
-    local chunk, want, log, stamps = 0, 0, nil, nil
-    if limit > 0 then
-      chunk = math.min(limit, math.max(min_chunk, math.ceil(limit * pace / 1000)))
-      log = key_window(pn)
-      stamps = window_stamps(log, limit, math.min(2 * chunk, budget, limit), first_us)
-      want = #stamps
-      if want == 0 then rate_limited[#rate_limited + 1] = c[5] or '' end
+local function take_due(ready, lease)
+  local due = redis.call('ZRANGEBYSCORE', ready, '-inf', base, 'LIMIT', 0, max_numbers)
+  for _, pn in ipairs(due) do
+    if budget <= 0 then break end
+    local cfg = key_cfg(pn)
+    local c = redis.call('HMGET', cfg, 'status', 'quality_rating', 'rate', 'nx', 'throughput_tier',
+                         'access_token')
+    local nx = tonumber(c[4] or '0')
+    local first_us = base_us + handed * spacing_us
+    local first = first_us / 1000
+    if c[1] ~= 'active' then
+      redis.call('ZREM', ready, pn)
+    elseif nx > first then
+      redis.call('ZADD', ready, ms(nx), pn)
     else
-      want = math.min(budget, unlimited_chunk)
-    end
+      local hold_marketing = c[2] == 'red'
+      local retry = key_retry(pn)
+      local back = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, 256)
+      for i = #back, 1, -1 do
+        local id = back[i]
+        local m = redis.call('HMGET', key_msg(id), 'l', 'c')
+        if m[1] then redis.call('LPUSH', key_lane(pn, list_of(m[1], m[2])), id) end
+        redis.call('ZREM', retry, id)
+      end
 
-    local items, written = {}, {}
-    local granted = 0
-    while granted < want do
-      local id, list = pop_next(pn, hold_marketing)
-      if not id then break end
-      local k = key_msg(id)
-      local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca')
-      if m[1] == 'queued' then
-        if m[2] and tonumber(m[2]) <= now then
-          redis.call('HSET', k, 's', 'expired', 'ua', now_i)
-          redis.call('EXPIRE', k, retention)
-          expired = expired + 1
-        else
-          local fence = tonumber(m[3] or '0') + 1
-          local attempts = tonumber(m[4] or '0') + 1
-          redis.call('HSET', k, 's', 'sending', 'f', fence, 'a', attempts, 'ua', now_i)
-          redis.call('ZADD', lease, ms(now + lease_ms), id)
-          items[#items + 1] = id
-          items[#items + 1] = fence
-          items[#items + 1] = attempts
-          items[#items + 1] = m[5]
-          items[#items + 1] = m[6]
-          items[#items + 1] = m[2] or ''
-          granted = granted + 1
-          if limit > 0 then
-            written[granted] = stamp_text(stamps[granted])
-            items[#items + 1] = written[granted]
+      local rate = tonumber(c[3] or '0')
+      local limit = 0
+      if rate > 0 then limit = math.max(1, math.floor(rate * (1 - headroom) + 1e-9)) end
+      local chunk, want, log, stamps = 0, 0, nil, nil
+      if limit > 0 then
+        chunk = math.min(limit, math.max(min_chunk, math.ceil(limit * pace / 1000)))
+        log = key_window(pn)
+        stamps = window_stamps(log, limit, math.min(2 * chunk, budget, limit), first_us)
+        want = #stamps
+        if want == 0 then rate_limited[#rate_limited + 1] = c[5] or '' end
+      else
+        want = math.min(budget, unlimited_chunk)
+      end
+
+      local items, written = {}, {}
+      local granted = 0
+      while granted < want do
+        local id, list = pop_next(pn, hold_marketing)
+        if not id then break end
+        local k = key_msg(id)
+        local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca')
+        if m[1] == 'queued' then
+          if m[2] and tonumber(m[2]) <= now then
+            redis.call('HSET', k, 's', 'expired', 'ua', now_i)
+            redis.call('EXPIRE', k, retention)
+            expired = expired + 1
           else
-            items[#items + 1] = ms((first_us + (granted - 1) * spacing_us) / 1000)
+            local fence = tonumber(m[3] or '0') + 1
+            local attempts = tonumber(m[4] or '0') + 1
+            redis.call('HSET', k, 's', 'sending', 'f', fence, 'a', attempts, 'ua', now_i)
+            redis.call('ZADD', lease, ms(now + lease_ms), id)
+            items[#items + 1] = id
+            items[#items + 1] = fence
+            items[#items + 1] = attempts
+            items[#items + 1] = m[5]
+            items[#items + 1] = m[6]
+            items[#items + 1] = m[2] or ''
+            granted = granted + 1
+            if limit > 0 then
+              written[granted] = stamp_text(stamps[granted])
+              items[#items + 1] = written[granted]
+            else
+              items[#items + 1] = ms((first_us + (granted - 1) * spacing_us) / 1000)
+            end
+          end
+        elseif m[1] then
+          -- canceled or expired while it waited: a dead entry, no longer counted
+          if redis.call('HINCRBY', cfg, 'd_' .. list, -1) < 0 then
+            redis.call('HSET', cfg, 'd_' .. list, 0)
           end
         end
-      elseif m[1] then
-        -- canceled or expired while it waited: a dead entry, no longer counted
-        if redis.call('HINCRBY', cfg, 'd_' .. list, -1) < 0 then
-          redis.call('HSET', cfg, 'd_' .. list, 0)
-        end
       end
-    end
 
-    if granted > 0 then
-      budget = budget - granted
-      handed = handed + granted
-      redis.call('HINCRBY', cfg, 'inflight', granted)
-      if limit > 0 then
-        redis.call('LPUSH', log, unpack(written))
-        redis.call('LTRIM', log, 0, limit - 1)
-        redis.call('PEXPIRE', log, math.ceil(window) + 3000)
-      end
-      n_groups = n_groups + 1
-      groups[#groups + 1] = pn
-      groups[#groups + 1] = limit
-      groups[#groups + 1] = c[5] or ''
-      groups[#groups + 1] = c[6] or ''
-      groups[#groups + 1] = granted
-      for _, v in ipairs(items) do groups[#groups + 1] = v end
-    end
-
-    -- When may this number send next?
-    -- `nx` is "not before" (pacing, window, pause); a wait for a retry is only a ready score,
-    -- so that a new message is not held back behind it.
-    local next_at, not_before = nil, nil
-    if has_sendable(pn, hold_marketing) then
-      if limit > 0 then
-        -- paced from its previous schedule, so a late take does not slow the rate down
-        local sched = first
-        if nx > first - pace then sched = math.max(nx, first - pace) end
-        next_at = sched + granted * 1000 / limit
-        if next_at < first then next_at = first end
-        -- and taken again `lookahead` before its next slot frees
-        local oldest = redis.call('LINDEX', log, limit - 1)
-        if oldest and tonumber(oldest) + window - lookahead > next_at then
-          next_at = tonumber(oldest) + window - lookahead
+      if granted > 0 then
+        budget = budget - granted
+        handed = handed + granted
+        redis.call('HINCRBY', cfg, 'inflight', granted)
+        if limit > 0 then
+          redis.call('LPUSH', log, unpack(written))
+          redis.call('LTRIM', log, 0, limit - 1)
+          redis.call('PEXPIRE', log, math.ceil(window) + 3000)
         end
-        not_before = next_at
+        n_groups = n_groups + 1
+        groups[#groups + 1] = pn
+        groups[#groups + 1] = limit
+        groups[#groups + 1] = c[5] or ''
+        groups[#groups + 1] = c[6] or ''
+        groups[#groups + 1] = granted
+        for _, v in ipairs(items) do groups[#groups + 1] = v end
+      end
+
+      -- When may this number send next?
+      -- `nx` is "not before" (pacing, window, pause); a wait for a retry is only a ready score,
+      -- so that a new message is not held back behind it.
+      local next_at, not_before = nil, nil
+      if has_sendable(pn, hold_marketing) then
+        if limit > 0 then
+          -- paced from its previous schedule, so a late take does not slow the rate down
+          local sched = first
+          if nx > first - pace then sched = math.max(nx, first - pace) end
+          next_at = sched + granted * 1000 / limit
+          if next_at < first then next_at = first end
+          -- and taken again `lookahead` before its next slot frees
+          local oldest = redis.call('LINDEX', log, limit - 1)
+          if oldest and tonumber(oldest) + window - lookahead > next_at then
+            next_at = tonumber(oldest) + window - lookahead
+          end
+          not_before = next_at
+        else
+          next_at = now
+        end
       else
-        next_at = now
+        local first_retry = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
+        if first_retry[2] then next_at = tonumber(first_retry[2]) end
       end
-    else
-      local first_retry = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
-      if first_retry[2] then next_at = tonumber(first_retry[2]) end
-    end
-    if next_at then
-      redis.call('ZADD', ready, ms(next_at), pn)
-    else
-      redis.call('ZREM', ready, pn)
-    end
-    if not_before then
-      redis.call('HSET', cfg, 'nx', ms(not_before))
-    else
-      redis.call('HDEL', cfg, 'nx')
+      if next_at then
+        redis.call('ZADD', ready, ms(next_at), pn)
+      else
+        redis.call('ZREM', ready, pn)
+      end
+      if not_before then
+        redis.call('HSET', cfg, 'nx', ms(not_before))
+      else
+        redis.call('HDEL', cfg, 'nx')
+      end
     end
   end
 end
 
-local next_due = -1
-local first = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
-if first[2] then next_due = tonumber(first[2]) end
-local first_lease = redis.call('ZRANGE', lease, 0, 0, 'WITHSCORES')
-if first_lease[2] and (next_due < 0 or tonumber(first_lease[2]) < next_due) then
-  next_due = tonumber(first_lease[2])
+-- When this shard has something to do next: its earliest ready number or lease deadline.
+local function next_due(ready, lease)
+  local at = -1
+  local first = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
+  if first[2] then at = tonumber(first[2]) end
+  local first_lease = redis.call('ZRANGE', lease, 0, 0, 'WITHSCORES')
+  if first_lease[2] and (at < 0 or tonumber(first_lease[2]) < at) then
+    at = tonumber(first_lease[2])
+  end
+  return at
 end
-local out = {ms(now), ms(next_due), expired, table.concat(rate_limited, ','), n_groups, deleted,
+
+local dues = {}
+for s = 1, #KEYS do
+  -- the prelude's key functions all read P: point it at this shard
+  P = KEYS[s]
+  local ready, lease = key_ready(), key_lease()
+  take_back_lapsed(lease)
+  if budget > 0 then take_due(ready, lease) end
+  dues[s] = ms(next_due(ready, lease))
+end
+
+local out = {ms(now), expired, table.concat(rate_limited, ','), n_groups, deleted,
              string.format('%d', base_us), handed}
+for _, v in ipairs(dues) do out[#out + 1] = v end
 for _, v in ipairs(groups) do out[#out + 1] = v end
 return out
