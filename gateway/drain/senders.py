@@ -65,7 +65,13 @@ class Senders:
 
     @property
     def free(self) -> int:
-        return self.concurrency - self.held
+        """Sender slots not taken by sends under way or released to start.
+
+        Messages still waiting for their stamps hold no slot: a small tier's stamps reach a
+        few hundred milliseconds ahead, and counting them would let the waiting crowd out the
+        sending. What waits is bounded by the send schedule instead.
+        """
+        return self.concurrency - (self.held - len(self.waiting))
 
     def start(self) -> list[asyncio.Task[None]]:
         self.tasks.append(asyncio.create_task(self._dispatch(), name="drain-dispatch"))

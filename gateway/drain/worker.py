@@ -215,7 +215,7 @@ class Drain:
             wait = self.schedule.wait_for_room(now, self.clock.lead)
             if wait > 0:
                 await asyncio.sleep(wait)
-            elif senders.free < self.refill_at and senders.held:
+            elif senders.free < self.refill_at:
                 # One take for a few freed slots costs as much as one for many.
                 senders.slot_freed.clear()
                 await senders.slot_freed.wait()
