@@ -49,14 +49,14 @@ LATE_MIN = 3
 # Shares of a period the process ran or waited for a CPU: with rate-limited sends it grows below
 # the first and eases off above the second. Unlimited sends alone may use all of it, and more
 # of them than it can start at once only wait for a sender (their free slots bound them).
-BUSY_LIMITED = (0.85, 0.95)
+BUSY_LIMITED = (0.8, 0.9)
 BUSY_UNLIMITED = (math.inf, math.inf)
 
 
 class SendSchedule:
     def __init__(self, tolerance_s: float, max_rate: float | None = None) -> None:
         self.tolerance = tolerance_s
-        self.late_after = tolerance_s / 2
+        self.late_after = tolerance_s / 3
         self.cap = min(MAX_RATE, max_rate) if max_rate else MAX_RATE
         self.rate = min(INITIAL_RATE, self.cap)
         self.cursor = 0.0  # when the last message already scheduled starts (monotonic s)

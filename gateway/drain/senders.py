@@ -65,13 +65,13 @@ class Senders:
 
     @property
     def free(self) -> int:
-        """Sender slots not taken by sends under way or released to start.
+        """Slots for more messages: `worker_concurrency` bounds what is taken and not settled.
 
-        Messages still waiting for their stamps hold no slot: a small tier's stamps reach a
-        few hundred milliseconds ahead, and counting them would let the waiting crowd out the
-        sending. What waits is bounded by the send schedule instead.
+        Messages waiting for their stamps count too. Not counting them let more work in than
+        the send schedule could hold on time (measured: 2-5% put-backs instead of under 1%);
+        counted, they make this bound a window that clocks itself, as TCP's does.
         """
-        return self.concurrency - (self.held - len(self.waiting))
+        return self.concurrency - self.held
 
     def start(self) -> list[asyncio.Task[None]]:
         self.tasks.append(asyncio.create_task(self._dispatch(), name="drain-dispatch"))
