@@ -138,8 +138,8 @@ class Settings:
         0.0, "Fraction of each number's rate kept free (e.g. 0.1).", float
     )
     rate_slack: float = _setting(
-        0.020,
-        "How much longer than 1 s each rate window is (e.g. 20ms). A third of it bounds how late "
+        0.015,
+        "How much longer than 1 s each rate window is (e.g. 15ms). A third of it bounds how late "
         "after its stamp a send may leave the gateway, the rest covers the network and the "
         "upstream's own jitter; the sustained rate is 1 s / (1 s + slack).",
         parse_duration,

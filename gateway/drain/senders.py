@@ -33,7 +33,7 @@ log = logging.getLogger("gateway.drain")
 EARLY_S = 0.0005
 # A send must be under way this much before its deadline: what is left covers the loop turn
 # before aiohttp writes the request (p99 about 1.5 ms on a busy worker).
-WRITE_MARGIN_S = 0.002
+WRITE_MARGIN_S = 0.0015
 RETURNS_WINDOW_S = 10.0
 RETURNS_WARN_SHARE = 0.1
 RETURNS_WARN_MIN = 20

@@ -18,7 +18,7 @@ MAX_LEAD_MS = 200
 # slot, each stamped the moment it frees (see take.lua).
 LOOKAHEAD_MS = 50.0
 # Rate-limited stamps fall on a grid of this many ms, so sends start a handful at a time.
-QUANTUM_MS = 4.0
+QUANTUM_MS = 2.0
 
 
 @dataclass(slots=True)

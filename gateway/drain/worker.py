@@ -14,8 +14,8 @@ each send at its stamp (mapped to its own clock by `gateway.drain.clock`), so th
 stamp and request varies only by the timer and by how busy the process is; a send that would
 leave more than a third of the slack after its stamp is put back with its grant (it never
 leaves more than 0.5 ms early). The other two thirds absorb what happens after the write: the
-network and the upstream's own receive scheduling. With the default 20 ms: the gateway's part
-is at most 7.2 ms, the upstream side's may reach 12.8 ms, and no second holds more than the
+network and the upstream's own receive scheduling. With the default 15 ms: the gateway's part
+is at most 5.5 ms, the upstream side's may reach 9.5 ms, and no second holds more than the
 rate.
 
 What a take asks for is sized by `gateway.drain.schedule`: the sends this process has shown it

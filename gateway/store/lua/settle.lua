@@ -98,7 +98,16 @@ local function settle_one(kind, id, fence, a, b)
       redis.call('HSET', k, 's', 'queued', 'ua', now, 'a', math.max(tonumber(m[7] or '1') - 1, 0))
       redis.call('LPUSH', key_lane(pn, list_of(m[4], m[5])), id)
       if kind == 'Q' then
-        if b ~= '' then redis.call('LREM', key_window(pn), 1, b) end
+        if b ~= '' then
+          -- a grant given back: its slot in the window is free again, and the number's pacing
+          -- gives back its step (else every put-back would cost a step of rate for good; making
+          -- the number due at once instead turned put-backs into storms)
+          redis.call('LREM', key_window(pn), 1, b)
+          local c = redis.call('HMGET', cfg, 'nx', 'rate')
+          if c[1] and tonumber(c[2] or '0') > 0 then
+            redis.call('HSET', cfg, 'nx', tonumber(c[1]) - 1000 / tonumber(c[2]))
+          end
+        end
         pause(pn, a)
       else
         redis.call('HSET', cfg, 'status', a, 'updated_at', now)

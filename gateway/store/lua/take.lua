@@ -123,10 +123,11 @@ local function window_stamps(log, limit, want, first_us)
   local olds = redis.call('LRANGE', log, limit - want, limit - 1)
   local stamps = {}
   for j = 0, want - 1 do
-    local at = first + j * step
+    -- its place on the grid, or when the window frees for it: rounding that moment up too
+    -- would shift the number's sends a little later every second, rate lost for good
+    local at = math.ceil((first + j * step) / quantum) * quantum
     local e = olds[want - j] -- the entry at index limit - 1 - j
     if e and tonumber(e) + window > at then at = tonumber(e) + window end
-    at = math.ceil(at / quantum) * quantum
     if prev > at then at = prev end
     if at > first + horizon then break end
     stamps[j + 1] = at
