@@ -139,7 +139,7 @@ class Settings:
     )
     rate_slack: float = _setting(
         0.015,
-        "How much longer than 1 s each rate window is (e.g. 15ms). A third of it bounds how late "
+        "How much longer than 1 s each rate window is (e.g. 15ms). Half of it bounds how late "
         "after its stamp a send may leave the gateway, the rest covers the network and the "
         "upstream's own jitter; the sustained rate is 1 s / (1 s + slack).",
         parse_duration,

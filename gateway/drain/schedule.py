@@ -20,10 +20,13 @@ event loop ran or waited for a CPU: `busy_seconds`) and how late its sends start
   waits until they have gone (`_settled_at`) before it judges again, or one overload would
   shrink it to the floor.
 - Late starts in a mostly idle process are someone else's doing (a slow Redis reply, a stalled
-  host): sending less would not help, so the rate holds. A single late start (a new
+  host): sending less would not help, so the rate holds. Unless they are so late that many are
+  put back (over 5%): each put-back is work of its own (a settle, a take again), and left alone
+  they feed on themselves, so the rate drops then too. A single late start (a new
   connection, a collection pause) is not a trend and changes nothing.
-- When a take was cut short by the rate and the process has room, the rate grows by a tenth (it
-  doubles until the first drop: a fresh process finds its speed within a second).
+- When a take was cut short by the rate and the process has room, the rate grows by a tenth.
+  (Doubling it, as TCP's slow start does, overshot: by the time the first late starts showed,
+  half of a fresh worker's first thousands of grants were already too late.)
 Starts later than the tolerance are put back, counted, and should stay rare.
 """
 
@@ -46,6 +49,7 @@ EASE = 0.95
 SHRINK = 0.85
 LATE_SHARE = 0.1
 LATE_MIN = 3
+RETURNED_SHARE = 0.05  # put-backs beyond this share shrink the rate, busy or not
 # Shares of a period the process ran or waited for a CPU: with rate-limited sends it grows below
 # the first and eases off above the second. Unlimited sends alone may use all of it, and more
 # of them than it can start at once only wait for a sender (their free slots bound them).
@@ -62,10 +66,10 @@ class SendSchedule:
         self.cursor = 0.0  # when the last message already scheduled starts (monotonic s)
         self._started = 0
         self._late = 0
+        self._returned = 0
         self._limited = False  # a rate-limited send started this period
         self._cut_short = False
         self._period_start = 0.0
-        self._slow_start = True
         self._settled_at = 0.0  # before this, starts were scheduled at an older rate
         self._period_busy = busy_seconds()
 
@@ -90,6 +94,10 @@ class SendSchedule:
         self.cursor = max(self.cursor, slots_end)
         if count >= budget and budget < free_slots:
             self._cut_short = True  # there may be more to send than the rate allowed
+
+    def returned(self) -> None:
+        """A rate-limited send came too late and was put back (also counted by `started`)."""
+        self._returned += 1
 
     def started(self, lateness: float, limited: bool) -> None:
         """A send started `lateness` seconds after its stamp (`limited`: a rate-limited one).
@@ -120,22 +128,20 @@ class SendSchedule:
         )
         achieved = self._started / elapsed
         room, ceiling = BUSY_LIMITED if self._limited else BUSY_UNLIMITED
+        storm = self._returned >= max(LATE_MIN, RETURNED_SHARE * self._started)
         if now < self._settled_at:
             pass  # the sends of the previous rate are still starting: too soon to judge
-        elif late and busy >= room:
+        elif storm or (late and busy >= room):
             # below what it managed to start: the overload has to drain
             self.rate = max(MIN_RATE, min(self.rate, achieved) * SHRINK)
-            self._slow_start = False
             self._settled_at = self.cursor
         elif busy > ceiling:
             self.rate = max(MIN_RATE, min(self.rate, achieved) * EASE)
-            self._slow_start = False
         elif self._cut_short and not late and busy < room:
-            grown = max(self.rate, achieved) * (2.0 if self._slow_start else GROW)
-            self.rate = min(self.cap, grown)
+            self.rate = min(self.cap, max(self.rate, achieved) * GROW)
         self._period_start = now
         self._period_busy = busy_total
-        self._started = self._late = 0
+        self._started = self._late = self._returned = 0
         self._limited = self._cut_short = False
 
 

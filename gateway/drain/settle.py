@@ -31,7 +31,7 @@ log = logging.getLogger("gateway.drain")
 UPGRADE_HOLD_MS = 60_000
 PAIR_RATE_FIRST_MS = 6_000
 MAX_RETRY_MS = 300_000
-SETTLE_BATCH = 1000
+SETTLE_BATCH = 200
 # A batch of plain "sent" outcomes waits this long for company: sends finish one by one, and one
 # settle call for many outcomes costs about what one for a single outcome does. Anything else
 # (a pause, a hold, a retry) is settled at once: it changes what the next take may do.

@@ -40,7 +40,7 @@ from gateway.drain.classify import Answer, Outcome, classify, transport_failure
 
 log = logging.getLogger("gateway.drain")
 
-WARM_CONNECTIONS = 32
+WARM_CONNECTIONS = 64
 
 
 class _TooLate(Exception):

@@ -99,16 +99,16 @@ def start_workers(
     tmp_path: Path, redis_url: str, upstream: Upstream, processes: int, **settings: str
 ) -> Command:
     port = free_port()
-    env = clean_env(
-        GATEWAY_REDIS_URL=redis_url,
-        GATEWAY_UPSTREAM_URL=upstream.url,
-        GATEWAY_UPSTREAM_TOKEN="token",
-        GATEWAY_WORKERS=str(processes),
-        GATEWAY_PORT=str(port),
-        GATEWAY_SHARDS="16",
-        GATEWAY_LOG_LEVEL="WARNING",
-        **settings,
-    )
+    defaults = {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_UPSTREAM_URL": upstream.url,
+        "GATEWAY_UPSTREAM_TOKEN": "token",
+        "GATEWAY_WORKERS": str(processes),
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_SHARDS": "16",
+        "GATEWAY_LOG_LEVEL": "WARNING",
+    }
+    env = clean_env(**(defaults | settings))
     command = Command(["worker"], env, tmp_path / f"worker-{port}").start()
     command.wait_http(f"http://127.0.0.1:{port}/healthz")
     return command

@@ -93,14 +93,17 @@ async def running_drain(settings: Settings, store: Store) -> AsyncIterator[Drain
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], within_s: float = 10.0, what: str = "condition"
+    check: Callable[[], Awaitable[bool]],
+    within_s: float = 10.0,
+    what: str = "condition",
+    every_s: float = 0.02,
 ) -> None:
     """Poll `check` until it holds; fail after `within_s` (a bound, not a measurement)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if await check():
             return
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(every_s)
     raise AssertionError(f"{what} did not happen within {within_s}s")
 
 
