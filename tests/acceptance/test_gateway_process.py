@@ -71,8 +71,13 @@ class Gateway:
         return accepted
 
     def terminate(self) -> int:
+        """SIGTERM and the exit code; a gateway that does not stop is killed, then fails."""
         self.command.signal(signal.SIGTERM)
-        return self.command.wait(30)
+        try:
+            return self.command.wait(30)
+        except subprocess.TimeoutExpired:
+            self.command.kill_tree()
+            raise
 
 
 def embedded_redis_answers(directory: Path) -> bool:

@@ -7,6 +7,7 @@ variables substituted as Grafana would; `promtool check metrics` must find nothi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -45,64 +46,67 @@ def _binary(name: str) -> str:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """Redis, a faulty sandbox, `gateway run` (2 processes) and Prometheus scraping it."""
-    redis = RedisServer(tmp_path / "redis")
-    redis.start()
-    sandbox_port, gateway_port, prom_port = free_port(), free_port(), free_port()
-    sandbox = Command(
-        ["sandbox"], clean_env(GATEWAY_PORT=str(sandbox_port)), tmp_path / "sandbox"
-    ).start()
-    sandbox.wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/stats")
-    gateway = Command(
-        ["run"],
-        clean_env(
-            GATEWAY_REDIS_URL=redis.url,
-            GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{sandbox_port}/v21.0",
-            GATEWAY_UPSTREAM_TOKEN="token",
-            GATEWAY_PORT=str(gateway_port),
-            GATEWAY_WORKERS="2",
-            GATEWAY_API_KEYS="obs-send",
-            GATEWAY_ADMIN_KEYS="obs-admin",
-            GATEWAY_WEBHOOK_SECRET="obs-secret",
-            GATEWAY_RETRY_BASE="0.2",
-            GATEWAY_LOG_FORMAT="json",
-        ),
-        tmp_path / "gateway",
-    ).start()
-    gateway.wait_http(f"http://127.0.0.1:{gateway_port}/readyz")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n"
-        f"  scrape_interval: {SCRAPE_S}s\n"
-        f"  evaluation_interval: {SCRAPE_S}s\n"
-        "scrape_configs:\n"
-        "  - job_name: gateway\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{gateway_port}']}}]\n"
-    )
-    with (tmp_path / "prometheus.log").open("wb") as log:
-        prometheus = subprocess.Popen(
-            [
-                _binary("prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
+    """Redis, a faulty sandbox, `gateway run` (2 processes) and Prometheus scraping it.
+
+    Everything started is stopped again whatever fails on the way (a missing binary included).
+    """
+    prometheus_bin = _binary("prometheus")
+    with contextlib.ExitStack() as started:
+        redis = RedisServer(tmp_path / "redis")
+        redis.start()
+        started.callback(redis.stop)
+        sandbox_port, gateway_port, prom_port = free_port(), free_port(), free_port()
+        sandbox = Command(
+            ["sandbox"], clean_env(GATEWAY_PORT=str(sandbox_port)), tmp_path / "sandbox"
+        ).start()
+        started.callback(sandbox.stop)
+        sandbox.wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/stats")
+        gateway = Command(
+            ["run"],
+            clean_env(
+                GATEWAY_REDIS_URL=redis.url,
+                GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{sandbox_port}/v21.0",
+                GATEWAY_UPSTREAM_TOKEN="token",
+                GATEWAY_PORT=str(gateway_port),
+                GATEWAY_WORKERS="2",
+                GATEWAY_API_KEYS="obs-send",
+                GATEWAY_ADMIN_KEYS="obs-admin",
+                GATEWAY_WEBHOOK_SECRET="obs-secret",
+                GATEWAY_RETRY_BASE="0.2",
+                GATEWAY_LOG_FORMAT="json",
+            ),
+            tmp_path / "gateway",
+        ).start()
+        started.callback(gateway.stop)
+        gateway.wait_http(f"http://127.0.0.1:{gateway_port}/readyz")
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n"
+            f"  scrape_interval: {SCRAPE_S}s\n"
+            f"  evaluation_interval: {SCRAPE_S}s\n"
+            "scrape_configs:\n"
+            "  - job_name: gateway\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{gateway_port}']}}]\n"
         )
-    try:
+        with (tmp_path / "prometheus.log").open("wb") as log:
+            prometheus = subprocess.Popen(
+                [
+                    prometheus_bin,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        started.callback(prometheus.wait, 10)
+        started.callback(prometheus.terminate)
         yield {
             "sandbox": f"http://127.0.0.1:{sandbox_port}",
             "gateway": f"http://127.0.0.1:{gateway_port}",
             "prometheus": f"http://127.0.0.1:{prom_port}",
             "gateway_command": gateway,
         }
-    finally:
-        prometheus.terminate()
-        prometheus.wait(10)
-        gateway.stop()
-        sandbox.stop()
-        redis.stop()
 
 
 async def _load(urls: dict[str, Any], seconds: float) -> None:
