@@ -94,8 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, command: str) -> int:
+    from gateway import instance
     from gateway.supervisor import prepare_metrics_dir
 
+    # The data directory holds keys, access tokens and message bodies: whatever this process
+    # and its children (the embedded Redis, the metrics files) create is theirs alone.
+    os.umask(instance.PRIVATE_UMASK)
+    instance.secure_data_dir(settings.data_dir)
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prepare_metrics_dir(settings.data_dir))
     from gateway.process import Role

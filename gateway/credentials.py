@@ -8,6 +8,7 @@ and print only where it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -43,9 +44,11 @@ def ensure(settings: Settings, out: TextIO = sys.stderr) -> Settings:
     if not needs_keys and not needs_secret:
         return settings
     path = settings.data_dir / FILE_NAME
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         stored = orjson.loads(path.read_bytes())
+        with contextlib.suppress(OSError):  # an older version left it readable by others
+            path.chmod(0o600)
         fresh = False
     except FileNotFoundError:
         stored = _generate()
