@@ -92,6 +92,8 @@ def unavailable() -> ApiError:
     return ApiError(
         503,
         "unavailable",
-        "The message store is unreachable; nothing was accepted. Retry shortly.",
+        "The message store did not answer in time, so the outcome is unknown: a write may "
+        "still land. Retry shortly; a send retried with the same idempotency key is never "
+        "queued twice.",
         retry_after=2,
     )

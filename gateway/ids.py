@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _RANDOM_CHARS = 12  # 9 random bytes in URL-safe base64
-_ID = re.compile(r"^(\d{1,5})-[0-9A-Z]{10}[A-Za-z0-9_-]{12}$")
+# Matched in full with ASCII classes: `\d` takes any script's digits and `$` a final newline.
+_ID = re.compile(r"([0-9]{1,5})-[0-9A-Z]{10}[A-Za-z0-9_-]{12}")
 
 
 def _time_part(ms: int) -> str:
@@ -59,5 +60,5 @@ def new_id(shard: int) -> str:
 
 def shard_of_id(message_id: str) -> int | None:
     """The shard an id lives in, or None when it is not one of ours."""
-    match = _ID.match(message_id)
+    match = _ID.fullmatch(message_id)
     return int(match.group(1)) if match else None

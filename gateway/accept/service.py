@@ -4,6 +4,10 @@ A batch groups its valid messages by number and queues them all with one `push` 
 what makes a batch far cheaper per message than single sends. Single sends arriving together are
 coalesced the same way (see `Acceptor._coalesced`); a send with an Idempotency-Key is one `push`
 of its own (after the key's marker).
+
+Idempotency is what makes a `503` safe to retry: Redis may still apply a write whose answer
+never came back. A key's record is written by `push` itself, atomically with its message, so a
+retry with the same key finds the message whenever the first attempt landed, and queues nothing.
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
+from redis.asyncio.client import Pipeline
 
 from gateway import ids, keys, metrics
-from gateway.accept.validation import Outbound, parse_message
+from gateway.accept.validation import (
+    Outbound,
+    body_digest,
+    idempotency_key_problem,
+    parse_message,
+)
 from gateway.errors import (
     ApiError,
     FieldProblem,
@@ -30,8 +39,12 @@ from gateway.settings import Settings
 from gateway.store import Store, as_text, unavailable_on_redis_errors
 
 IDEMPOTENCY_TTL_S = 86_400
-MAX_IDEMPOTENCY_KEY = 255
 MAX_BATCH = 1000
+
+
+def key_scope(api_key: str) -> str:
+    """The scope of idempotency keys: each API key has its own."""
+    return hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -43,10 +56,12 @@ class Idempotency:
 
     @classmethod
     def from_header(cls, value: str, api_key: str) -> Idempotency:
-        if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY:
-            raise invalid_request([FieldProblem("Idempotency-Key", "must be 1-255 characters")])
-        scope = hashlib.sha256(api_key.encode()).hexdigest()[:16]
-        return cls(scope, value)
+        # aiohttp hands over bytes that are not UTF-8 as surrogates: refused here, before they
+        # reach a Redis key name.
+        why = idempotency_key_problem(value)
+        if why is not None:
+            raise invalid_request([FieldProblem("Idempotency-Key", why)])
+        return cls(key_scope(api_key), value)
 
 
 @dataclass(frozen=True)
@@ -59,12 +74,39 @@ class Accepted:
         return {"id": self.id, "status": "queued", "phone_number_id": self.phone_number_id}
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A valid message on its way to `push`: its place in the request, and its key if any."""
+
+    index: int
+    message: Outbound
+    key: str = ""
+    digest: str = ""
+
+    @property
+    def marker_value(self) -> str:
+        return f"{self.message.phone_number_id} {self.digest}"
+
+
+Groups = dict[str, list[_Pending]]
+# What `push` did with each message, by index: its id (queued, or replayed when the index is
+# in the set of replays) or the error it was refused with.
+Outcome = tuple[dict[int, str | ApiError], set[int]]
+
+
 def _group_error(code: str, pn: str, limit: int) -> ApiError:
     if code == "unknown":
         return unknown_phone_number(pn)
     if code == "deleted":
         return phone_number_deleted(pn)
     return backlog_full(pn, limit)
+
+
+def _grouped(pending: list[_Pending]) -> Groups:
+    groups: Groups = defaultdict(list)
+    for entry in pending:
+        groups[entry.message.phone_number_id].append(entry)
+    return groups
 
 
 class Acceptor:
@@ -104,107 +146,121 @@ class Acceptor:
         task.add_done_callback(self._flushes.discard)
 
     async def _push_waiting(self, entries: list[tuple[Outbound, asyncio.Future[Accepted]]]) -> None:
-        groups: dict[str, list[tuple[int, Outbound]]] = defaultdict(list)
-        for index, (message, _) in enumerate(entries):
-            groups[message.phone_number_id].append((index, message))
+        pending = [_Pending(index, message) for index, (message, _) in enumerate(entries)]
         try:
-            message_ids, outcome = await self._push(groups)
+            outcome, _ = await self._push(_grouped(pending), "")
         except Exception as exc:  # handed to every waiting request (StoreUnavailable, mostly)
             for _, done in entries:
                 if not done.done():
                     done.set_exception(exc)
             return
-        for (pn, group), (code, accepted, tier) in zip(groups.items(), outcome, strict=True):
-            for position, (index, message) in enumerate(group):
-                done = entries[index][1]
-                if done.done():
-                    continue  # the client went away; the message is queued all the same
-                if position < accepted:
-                    metrics.local_accepted.inc(message.category, tier)
-                    done.set_result(Accepted(message_ids[index], pn))
-                else:
-                    done.set_exception(_group_error(code, pn, self.max_backlog))
+        for index, (_, done) in enumerate(entries):
+            if done.done():
+                continue  # the client went away; the message is queued all the same
+            result = outcome[index]
+            if isinstance(result, str):
+                done.set_result(Accepted(result, pending[index].message.phone_number_id))
+            else:
+                done.set_exception(result)
 
     async def _send_idempotent(
         self, body: Any, message: Outbound, idempotency: Idempotency
     ) -> Accepted:
-        pn = message.phone_number_id
-        shard = keys.shard_of(pn, self.store.shards)
-        message_id = ids.new_id(shard)
-        digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        marker = await self._claim_key(idempotency, pn, digest)
-        idem_args = [idempotency.scope, idempotency.key, digest, IDEMPOTENCY_TTL_S]
-        reply = await self.store.script(
-            "push",
-            shard,
-            [self.max_backlog, *idem_args, 1, pn, 1, *_message_args(message_id, message)],
-        )
-        outcome = reply[0].decode()
-        if outcome == "replay":
-            return Accepted(reply[1].decode(), pn, replayed=True)
-        if outcome == "conflict":
+        entry = _Pending(0, message, idempotency.key, body_digest(body))
+        if await self._claim_keys(idempotency.scope, [entry]):
             raise _idempotency_conflict()
-        accepted, tier = int(reply[1]), reply[2].decode()
-        if outcome != "ok" or accepted == 0:
-            await self._release_key(marker)
-            raise _group_error(outcome, pn, self.max_backlog)
-        metrics.local_accepted.inc(message.category, tier)
-        return Accepted(message_id, pn)
+        outcome, replays = await self._push(_grouped([entry]), idempotency.scope)
+        result = outcome[0]
+        if isinstance(result, str):
+            return Accepted(result, message.phone_number_id, replayed=0 in replays)
+        if result.code != "idempotency_conflict":
+            await self._release_keys(idempotency.scope, [entry])
+        raise result
 
-    async def _claim_key(self, idempotency: Idempotency, pn: str, digest: str) -> str:
-        """Bind the key to this number and body for 24 h; 409 when it is bound to another.
+    async def _claim_keys(self, scope: str, entries: list[_Pending]) -> set[int]:
+        """Bind each key to its number and body for 24 h; the indexes of keys bound to others.
 
-        The key's record of the first response lives in the number's shard (so `push` reads it
-        atomically); this marker catches the same key reused for another number.
+        A key's record of the first response lives in its number's shard, where `push` reads
+        and writes it atomically with the message; these markers, all set in one round trip,
+        catch a key reused for another number (whose shard holds no record of it).
         """
-        marker = keys.idempotency_marker(idempotency.scope, idempotency.key)
-        value = f"{pn} {digest}"
-        with unavailable_on_redis_errors():
-            previous = await self.store.redis.set(
-                marker, value, nx=True, get=True, ex=IDEMPOTENCY_TTL_S
-            )
-        if isinstance(previous, (bytes, str)) and as_text(previous) != value:
-            raise _idempotency_conflict()
-        return marker
 
-    async def _release_key(self, marker: str) -> None:
-        # A refused first request must not bind the key: the caller may fix it and retry.
-        with unavailable_on_redis_errors():
-            await self.store.redis.delete(marker)
+        def build(pipe: Pipeline) -> None:
+            for entry in entries:
+                marker = keys.idempotency_marker(scope, entry.key)
+                pipe.set(marker, entry.marker_value, nx=True, get=True, ex=IDEMPOTENCY_TTL_S)
 
-    async def send_batch(self, body: Any) -> dict[str, Any]:
+        replies = await self.store.pipelined(build)
+        return {
+            entry.index
+            for entry, previous in zip(entries, replies, strict=True)
+            if isinstance(previous, (bytes, str)) and as_text(previous) != entry.marker_value
+        }
+
+    async def _release_keys(self, scope: str, entries: list[_Pending]) -> None:
+        # A refused first request must not bind its key: the caller may fix it and retry.
+        markers = {keys.idempotency_marker(scope, entry.key) for entry in entries}
+        with unavailable_on_redis_errors():
+            await self.store.redis.delete(*markers)
+
+    async def send_batch(self, body: Any, api_key: str = "") -> dict[str, Any]:
+        """Queue a batch: every valid message, each answered on its own, in request order.
+
+        A message's `idempotency_key` costs its batch one round trip for all of the keys (the
+        markers), and nothing per message beyond a digest of its body.
+        """
         messages = _batch_messages(body)
         results: list[dict[str, Any] | None] = [None] * len(messages)
-        groups: dict[str, list[tuple[int, Outbound]]] = defaultdict(list)
+        pending: list[_Pending] = []
+        keyed: list[_Pending] = []
         for index, raw in enumerate(messages):
             try:
-                message = parse_message(raw)
+                message = parse_message(raw, in_batch=True)
             except ApiError as exc:
                 results[index] = exc.body()
                 continue
-            groups[message.phone_number_id].append((index, message))
+            if message.idempotency_key:
+                entry = _Pending(index, message, message.idempotency_key, body_digest(raw))
+                keyed.append(entry)
+            else:
+                entry = _Pending(index, message)
+            pending.append(entry)
+        scope = ""
+        if keyed:
+            scope = key_scope(api_key)
+            conflicts = await self._claim_keys(scope, keyed)
+            if conflicts:
+                for index in conflicts:
+                    results[index] = _idempotency_conflict().body()
+                pending = [entry for entry in pending if entry.index not in conflicts]
         total = 0
-        if groups:
-            message_ids, outcome = await self._push(groups)
-            for (pn, group), (code, accepted, tier) in zip(groups.items(), outcome, strict=True):
-                for position, (index, message) in enumerate(group):
-                    if position < accepted:
-                        results[index] = {"id": message_ids[index], "status": "queued"}
-                        metrics.local_accepted.inc(message.category, tier)
+        release: list[_Pending] = []
+        if pending:
+            outcome, replays = await self._push(_grouped(pending), scope)
+            for entry in pending:
+                result = outcome[entry.index]
+                if isinstance(result, str):
+                    if entry.index in replays:
+                        results[entry.index] = {"id": result, "status": "queued", "replayed": True}
                     else:
-                        results[index] = _group_error(code, pn, self.max_backlog).body()
-                total += accepted
+                        results[entry.index] = {"id": result, "status": "queued"}
+                    total += 1
+                else:
+                    results[entry.index] = result.body()
+                    if entry.key and result.code != "idempotency_conflict":
+                        release.append(entry)
+        if release:
+            await self._release_keys(scope, release)
         return {"accepted": total, "rejected": len(messages) - total, "results": results}
 
-    async def _push(
-        self, groups: dict[str, list[tuple[int, Outbound]]]
-    ) -> tuple[dict[int, str], list[tuple[str, int, str]]]:
+    async def _push(self, groups: Groups, scope: str) -> Outcome:
         """Queue the messages of every group (a number's messages) in one `push` call.
 
         One call covers every shard involved: on the single Redis node the gateway runs on,
         a call per shard costs a round trip and ~40 µs of client CPU each, which made a batch
         or a burst of single sends spread over many shards several times slower. Keys stay
         hash-tagged by shard, so splitting this call per shard is all a cluster would need.
+        Returns each message's outcome by its index (see `Outcome`).
         """
         shard_count = self.store.shards
         group_shards = [keys.shard_of(pn, shard_count) for pn in groups]
@@ -213,31 +269,52 @@ class Acceptor:
         )
         shard_keys: dict[int, int] = {}
         message_ids: dict[int, str] = {}
-        args: list[Any] = [self.max_backlog, "", "", "", 0]
+        args: list[Any] = [self.max_backlog, scope, IDEMPOTENCY_TTL_S]
         for shard, (pn, group) in zip(group_shards, groups.items(), strict=True):
             key_index = shard_keys.setdefault(shard, len(shard_keys) + 1)
             args += [key_index, pn, len(group)]
-            for index, message in group:
+            for entry in group:
                 message_id = next(fresh)
-                message_ids[index] = message_id
-                args += _message_args(message_id, message)
+                message_ids[entry.index] = message_id
+                message = entry.message
+                args += [
+                    message_id,
+                    message.lane_list,
+                    message.category,
+                    message.payload,
+                    message.reference,
+                    message.ttl_seconds,
+                    entry.key,
+                    entry.digest,
+                ]
         reply = await self.store.script_on("push", list(shard_keys), args)
-        outcome = [
-            (reply[i].decode(), int(reply[i + 1]), reply[i + 2].decode())
-            for i in range(0, len(reply), 3)
-        ]
-        return message_ids, outcome
-
-
-def _message_args(message_id: str, message: Outbound) -> list[Any]:
-    return [
-        message_id,
-        message.lane_list,
-        message.category,
-        message.payload,
-        message.reference,
-        message.ttl_seconds,
-    ]
+        outcome: dict[int, str | ApiError] = {}
+        replays: set[int] = set()
+        at = 0
+        for pn, group in groups.items():
+            code, accepted, tier = reply[at].decode(), int(reply[at + 1]), reply[at + 2].decode()
+            seen = {
+                int(reply[b]): (reply[b + 1], reply[b + 2])
+                for b in range(at + 4, at + 4 + 3 * int(reply[at + 3]), 3)
+            }
+            at += 4 + 3 * len(seen)
+            queued = 0
+            for position, entry in enumerate(group):
+                earlier = seen.get(position)
+                if earlier is not None:
+                    kind, first_id = earlier
+                    if kind == b"replay":
+                        outcome[entry.index] = first_id.decode()
+                        replays.add(entry.index)
+                    else:
+                        outcome[entry.index] = _idempotency_conflict()
+                elif queued < accepted:
+                    queued += 1
+                    metrics.local_accepted.inc(entry.message.category, tier)
+                    outcome[entry.index] = message_ids[entry.index]
+                else:
+                    outcome[entry.index] = _group_error(code, pn, self.max_backlog)
+        return outcome, replays
 
 
 def _batch_messages(body: Any) -> list[Any]:
@@ -256,5 +333,5 @@ def _idempotency_conflict() -> ApiError:
     return ApiError(
         409,
         "idempotency_conflict",
-        "This Idempotency-Key was already used with a different request body.",
+        "This idempotency key was already used with a different request body.",
     )

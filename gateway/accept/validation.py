@@ -7,6 +7,7 @@ stored bytes without parsing them.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import ApiError, FieldProblem, invalid_request
-from gateway.registry.model import phone_number_id_problem
+from gateway.registry.model import json_integer, phone_number_id_problem
 
 MESSAGE_TYPES = frozenset(
     {
@@ -37,6 +38,9 @@ DEFAULT_PRIORITY = {"authentication": "h", "marketing": "l", "utility": "n", "se
 MAX_TTL_SECONDS = 2_592_000
 MAX_REFERENCE = 256
 MAX_OPAQUE = 512
+MAX_IDEMPOTENCY_KEY = 255
+# orjson writes at most 254 levels of nested objects and arrays; a message is one of them.
+MAX_DEPTH = 254
 
 _KNOWN = frozenset(
     {
@@ -52,7 +56,17 @@ _KNOWN = frozenset(
         "recipient_type",
     }
 )
-_TO = re.compile(r"^\+?[0-9]{7,15}$")
+_TO = re.compile(r"\+?[0-9]{7,15}")
+# Visible ASCII and space: what an HTTP header carries safely, and all a key needs.
+_IDEMPOTENCY_KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_IDEMPOTENCY_KEY}}}")
+IDEMPOTENCY_KEY_RULE = "must be 1-255 printable ASCII characters"
+
+
+def idempotency_key_problem(value: object) -> str | None:
+    """Why `value` is not an idempotency key, or None when it is one."""
+    if isinstance(value, str) and _IDEMPOTENCY_KEY.fullmatch(value):
+        return None
+    return IDEMPOTENCY_KEY_RULE
 
 
 @dataclass(slots=True)
@@ -65,12 +79,15 @@ class Outbound:
     payload: bytes  # the Cloud API body without "messaging_product"
     reference: str
     ttl_seconds: str  # "" when none
+    idempotency_key: str = ""  # a batch message's own key; "" when none
 
 
-def parse_message(body: Any, prefix: str = "") -> Outbound:
+def parse_message(body: Any, prefix: str = "", *, in_batch: bool = False) -> Outbound:
     """Validate one message; raises `ApiError` (400 invalid_request) listing every problem.
 
     `prefix` names the message's place in a batch in field paths (e.g. "messages[3].").
+    A message of a batch (`in_batch`) may carry its own `idempotency_key`; a single send
+    takes it as the Idempotency-Key header.
     """
     if not isinstance(body, dict):
         raise invalid_request([FieldProblem(prefix.rstrip(".") or "body", "must be a JSON object")])
@@ -87,7 +104,7 @@ def parse_message(body: Any, prefix: str = "") -> Outbound:
     to = body.get("to")
     if to is None:
         problems.append(FieldProblem(prefix + "to", "is required"))
-    elif not isinstance(to, str) or not _TO.match(to):
+    elif not isinstance(to, str) or not _TO.fullmatch(to):
         problems.append(
             FieldProblem(prefix + "to", "must be the recipient's number: 7-15 digits, optional +")
         )
@@ -103,9 +120,21 @@ def parse_message(body: Any, prefix: str = "") -> Outbound:
     elif not isinstance(body.get(kind), dict):
         problems.append(FieldProblem(prefix + kind, f"must be an object, since type is {kind}"))
 
+    idempotency_key = ""
     for name in body:
-        if name not in _KNOWN and name != kind:
-            problems.append(FieldProblem(prefix + name, "is not a field of a message"))
+        if name in _KNOWN or name == kind:
+            continue
+        if name == "idempotency_key":
+            if not in_batch:
+                problems.append(
+                    FieldProblem(prefix + name, "is sent as the Idempotency-Key header here")
+                )
+            elif (why := idempotency_key_problem(body[name])) is not None:
+                problems.append(FieldProblem(prefix + name, why))
+            else:
+                idempotency_key = body[name]
+            continue
+        problems.append(FieldProblem(prefix + name, "is not a field of a message"))
 
     category = body.get("category", "utility")
     if category not in CATEGORIES:
@@ -135,8 +164,9 @@ def parse_message(body: Any, prefix: str = "") -> Outbound:
     ttl = body.get("ttl_seconds")
     ttl_text = ""
     if ttl is not None:
-        if isinstance(ttl, int) and not isinstance(ttl, bool) and 1 <= ttl <= MAX_TTL_SECONDS:
-            ttl_text = str(ttl)
+        whole = json_integer(ttl)
+        if whole is not None and 1 <= whole <= MAX_TTL_SECONDS:
+            ttl_text = str(whole)
         else:
             problems.append(
                 FieldProblem(prefix + "ttl_seconds", "must be a whole number from 1 to 2592000")
@@ -169,14 +199,42 @@ def parse_message(body: Any, prefix: str = "") -> Outbound:
         payload["context"] = context
     if opaque is not None:
         payload["biz_opaque_callback_data"] = opaque
+    try:
+        serialized = orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        # Only nesting can fail here (JSON in, JSON out); catching it costs nothing per message.
+        raise invalid_request(_too_deep(body, prefix, kind)) from None  # type: ignore[arg-type]
     return Outbound(
         pn,  # type: ignore[arg-type]
         lane + "m" if category == "marketing" else lane,
         category,
-        orjson.dumps(payload),
+        serialized,
         reference,
         ttl_text,
+        idempotency_key,
     )
+
+
+def _too_deep(body: dict[str, Any], prefix: str, kind: str) -> list[FieldProblem]:
+    rule = f"nests too deeply: a message may hold at most {MAX_DEPTH} levels of objects and arrays"
+    culprits = []
+    for name in (kind, "context"):
+        try:
+            orjson.dumps({name: body.get(name)})
+        except orjson.JSONEncodeError:
+            culprits.append(FieldProblem(prefix + name, rule))
+    return culprits or [FieldProblem(prefix.rstrip(".") or "body", rule)]
+
+
+def body_digest(body: dict[str, Any]) -> str:
+    """What makes two sends "the same body" for an idempotency key: every field but the key.
+
+    Field order does not matter. Call it on a message `parse_message` accepted (it nests no
+    deeper than orjson can write).
+    """
+    if "idempotency_key" in body:
+        body = {k: v for k, v in body.items() if k != "idempotency_key"}
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def parse_json(raw: bytes) -> Any:

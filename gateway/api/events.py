@@ -1,13 +1,18 @@
 """`POST /v1/events`: phone-number webhooks, authenticated by their HMAC signature.
 
 Each event id is applied once: a marker is set before applying (so concurrent repeats see it)
-and removed again when applying fails, so the sender's retry can still apply it.
+and removed again when applying fails, so the sender's retry can still apply it. Markers are
+kept 7 days, so an event must be younger than that (`created_at`) to be applied at all: a
+captured event cannot be replayed once its id is forgotten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+import time
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -22,17 +27,50 @@ from gateway.store import unavailable_on_redis_errors
 
 routes = web.RouteTableDef()
 
-EVENT_MEMORY_S = 7 * 86400
+MAX_AGE_S = 7 * 86400
+MAX_AHEAD_S = 300
+# An id is remembered until an event created (at most MAX_AHEAD_S ahead) with it is too old.
+EVENT_MEMORY_S = MAX_AGE_S + MAX_AHEAD_S + 60
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_SIGNATURE = re.compile(r"sha256=([0-9a-fA-F]{64})")
 CREATED = "whatsapp.phone_number.created"
 QUALITY_UPDATE = "whatsapp.phone_number.quality_update"
 DELETED = "whatsapp.phone_number.deleted"
 
 
 def signature_ok(secret: str, raw: bytes, header: str | None) -> bool:
-    if not header or not header.startswith("sha256="):
+    # Matched in ASCII before comparing: a header's non-UTF-8 bytes arrive as surrogates.
+    match = _SIGNATURE.fullmatch(header.strip()) if header else None
+    if match is None:
         return False
     expected = hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected.encode(), header[7:].strip().lower().encode())
+    return hmac.compare_digest(expected.encode(), match.group(1).lower().encode())
+
+
+def created_at_problem(value: object, now: float) -> ApiError | None:
+    """Why an event's `created_at` refuses it (400), or None when it is fresh enough."""
+    moment = None
+    if isinstance(value, str) and _RFC3339.fullmatch(value):
+        try:
+            moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+        except ValueError:
+            moment = None  # e.g. a 30th of February
+    if moment is None:
+        return invalid_request(
+            [FieldProblem("created_at", "must be an RFC 3339 time with an offset, e.g. Z")]
+        )
+    age = now - moment.timestamp()
+    if age > MAX_AGE_S or age < -MAX_AHEAD_S:
+        return ApiError(
+            400,
+            "stale_event",
+            "The event's created_at is more than 7 days old or more than 5 minutes ahead; "
+            "it is refused so that a captured event cannot be replayed.",
+        )
+    return None
 
 
 def _parse_event(body: Any) -> tuple[str, str, dict[str, Any]]:
@@ -46,8 +84,13 @@ def _parse_event(body: Any) -> tuple[str, str, dict[str, Any]]:
         problems.append(FieldProblem("type", "must be a string"))
     if not isinstance(data, dict):
         problems.append(FieldProblem("data", "must be an object"))
+    stale = created_at_problem(body.get("created_at"), time.time())
+    if stale is not None and stale.code == "invalid_request":
+        problems += stale.details
     if problems:
         raise invalid_request(problems)
+    if stale is not None:
+        raise stale
     return event_id, kind, data  # type: ignore[return-value]
 
 

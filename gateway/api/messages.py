@@ -30,12 +30,14 @@ async def send_batch(request: web.Request) -> web.Response:
             [
                 FieldProblem(
                     "Idempotency-Key",
-                    "is supported on POST /v1/messages only; a batch is not idempotent",
+                    "is for POST /v1/messages; in a batch, give each message its own "
+                    "idempotency_key",
                 )
             ]
         )
     body = await read_json(request, BATCH_BODY)
-    return json_response(await request.app[SERVICES].acceptor.send_batch(body))
+    acceptor = request.app[SERVICES].acceptor
+    return json_response(await acceptor.send_batch(body, request[API_KEY]))
 
 
 @routes.get("/v1/messages/{id}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
 from gateway.api.http import MESSAGE_BODY, json_response, read_json
@@ -13,6 +15,7 @@ routes = web.RouteTableDef()
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 500
+_LIMIT = re.compile(r"[0-9]{1,4}")
 
 
 def _path_id(request: web.Request) -> str:
@@ -21,6 +24,15 @@ def _path_id(request: web.Request) -> str:
     if why is not None:
         raise invalid_request([FieldProblem("phone_number_id", why)])
     return pn
+
+
+def _limit(raw: str | None) -> int:
+    # ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
+    if raw is None:
+        return DEFAULT_PAGE
+    if _LIMIT.fullmatch(raw) and 1 <= int(raw) <= MAX_PAGE:
+        return int(raw)
+    raise invalid_request([FieldProblem("limit", f"must be a whole number from 1 to {MAX_PAGE}")])
 
 
 @routes.put("/v1/phone-numbers/{phone_number_id}")
@@ -53,11 +65,7 @@ async def delete_number(request: web.Request) -> web.Response:
 
 @routes.get("/v1/phone-numbers")
 async def list_numbers(request: web.Request) -> web.Response:
-    raw_limit = request.query.get("limit", str(DEFAULT_PAGE))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
-        raise invalid_request(
-            [FieldProblem("limit", f"must be a whole number from 1 to {MAX_PAGE}")]
-        )
+    limit = _limit(request.query.get("limit"))
     cursor = request.query.get("cursor") or None
-    numbers, next_cursor = await request.app[SERVICES].registry.page(cursor, int(raw_limit))
+    numbers, next_cursor = await request.app[SERVICES].registry.page(cursor, limit)
     return json_response({"data": numbers, "next_cursor": next_cursor})

@@ -15,6 +15,7 @@ from gateway.errors import FieldProblem, invalid_request
 
 TIER_RATES: dict[str, int] = {"standard": 80, "medium": 200, "high": 1000, "unlimited": 0}
 COEXISTENCE_CAP = 20
+MAX_MPS = 1_000_000
 QUALITIES = ("green", "yellow", "red", "unknown")
 CONNECTION_TYPES = ("dedicated", "coexistence")
 STATUSES = ("pending", "active", "disconnected", "deleted")
@@ -53,7 +54,8 @@ READ_ONLY_FIELDS = frozenset(
     }
 )
 
-_DIGITS = re.compile(r"^[0-9]{1,32}$")
+# ASCII digits only, matched in full: `\d` takes any script's digits and `$` a final newline.
+_DIGITS = re.compile(r"[0-9]{1,32}")
 PHONE_NUMBER_ID_HINT = (
     "must be Meta's phone_number_id (1-32 digits, e.g. 106540352242922), "
     "not the display phone number"
@@ -64,7 +66,7 @@ def phone_number_id_problem(value: object) -> str | None:
     """Why `value` is not a phone_number_id, or None when it is one."""
     if not isinstance(value, str):
         return f"must be a string; it {PHONE_NUMBER_ID_HINT}"
-    if _DIGITS.match(value):
+    if _DIGITS.fullmatch(value):
         return None
     if any(ch in value for ch in "+-() ") or len(value) > 32:
         return f"looks like a display phone number; it {PHONE_NUMBER_ID_HINT}"
@@ -90,15 +92,29 @@ def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
 
 
 def _digits(value: object) -> str:
-    if isinstance(value, str) and _DIGITS.match(value):
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
         return value
     raise ValueError("must be a string of 1-32 digits")
 
 
+def json_integer(value: object) -> int | None:
+    """`value` as an int when JSON Schema calls it an integer (`3` or `3.0`), else None.
+
+    Booleans are not integers here, though Python says they are.
+    """
+    if isinstance(value, int):
+        return None if isinstance(value, bool) else value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _max_mps(value: object) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return str(value)
-    raise ValueError("must be a whole number of messages per second, at least 1")
+    # The bound keeps the cap a number Redis' Lua handles exactly (1e20 would not be).
+    whole = json_integer(value)
+    if whole is not None and 1 <= whole <= MAX_MPS:
+        return str(whole)
+    raise ValueError(f"must be a whole number of messages per second from 1 to {MAX_MPS}")
 
 
 _CHECKS: dict[str, Callable[[object], str]] = {

@@ -2,9 +2,13 @@
 
 Timeouts are short on purpose: API.md wants a `503` within two seconds when Redis is gone, never
 a hang. A dropped connection is retried once at once (a restarted Redis leaves every pooled
-connection broken); a second failure is the caller's `StoreUnavailable`. The bounds add up to
-under two seconds (connect 0.5 s or reply 0.75 s, one retry, a free connection within 0.4 s),
-so no request waits on a hung Redis longer than API.md allows.
+connection broken); a second failure is the caller's `StoreUnavailable`. A timeout is never
+retried: the command is in the server's socket and may still run (a stalled Redis resumes and
+executes it), so sending it again could queue a message twice; the caller answers `503`, whose
+outcome is unknown, and a client's retry with the same idempotency key is what is safe. The
+bounds add up to under two seconds (connect 0.5 s, or a reply within 0.75 s, a retry only for a
+dropped connection, a free connection within 0.4 s), so no request waits on a hung Redis longer
+than API.md allows.
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ def unavailable_on_redis_errors() -> Iterator[None]:
         raise
 
 
+def _dropped(error: BaseException | None) -> bool:
+    """Whether `error` is a connection the server closed (not a timeout: that may still run)."""
+    return isinstance(error, redis_errors.ConnectionError) and not isinstance(
+        error, redis_errors.TimeoutError
+    )
+
+
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text (the clients here return bytes; the stubs allow both)."""
     return value.decode() if isinstance(value, bytes) else value
@@ -102,7 +113,7 @@ def connect(
         timeout=0.4,
         socket_timeout=socket_timeout,
         socket_connect_timeout=0.5,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
         retry_on_error=[redis_errors.ConnectionError],
         health_check_interval=0,
         **extra,
@@ -137,7 +148,7 @@ class Store:
 
         redis-py retries a single command on a dropped connection but not a pipeline, so a
         pipeline that meets a connection Redis closed (it restarted) is built and sent once
-        more.
+        more; one that timed out is not (see the module's docstring).
         """
         for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=False)
@@ -147,8 +158,8 @@ class Store:
             try:
                 with unavailable_on_redis_errors():
                     return list(await pipe.execute())
-            except StoreUnavailable:
-                if attempt == 2:
+            except StoreUnavailable as exc:
+                if attempt == 2 or not _dropped(exc.__cause__):
                     raise
         raise AssertionError("unreachable")
 

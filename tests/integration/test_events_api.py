@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import ADMIN, SEND, WEBHOOK_SECRET, register, text_message
@@ -26,11 +29,16 @@ async def post_event(client: TestClient[Any, Any], body: Any) -> tuple[int, dict
     return response.status, await response.json()
 
 
+def rfc3339(seconds_from_now: float = 0.0) -> str:
+    moment = datetime.fromtimestamp(time.time() + seconds_from_now, tz=UTC)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def event(kind: str, event_id: str = "evt_1", **data: Any) -> dict[str, Any]:
     return {
         "id": event_id,
         "type": f"whatsapp.phone_number.{kind}",
-        "created_at": "2026-11-24T10:00:00Z",
+        "created_at": rfc3339(),
         "data": {"phone_number_id": PN, **data},
     }
 
@@ -97,7 +105,7 @@ async def test_a_repeated_event_id_is_applied_once(client: TestClient[Any, Any])
 
 
 async def test_an_unknown_type_is_ignored(client: TestClient[Any, Any]) -> None:
-    body = {"id": "evt_x", "type": "whatsapp.something.else", "data": {}}
+    body = {"id": "evt_x", "type": "whatsapp.something.else", "created_at": rfc3339(), "data": {}}
     assert await post_event(client, body) == (200, {"ignored": True})
 
 
@@ -121,13 +129,20 @@ async def test_a_bearer_key_is_not_a_signature(client: TestClient[Any, Any]) -> 
 
 
 async def test_malformed_events_are_400(client: TestClient[Any, Any]) -> None:
+    now = rfc3339()
     for body in (
-        {"type": "whatsapp.phone_number.created", "data": {}},
-        {"id": "e", "type": "whatsapp.phone_number.created", "data": "x"},
-        {"id": "e", "type": "whatsapp.phone_number.created", "data": {"phone_number_id": "+1 555"}},
+        {"type": "whatsapp.phone_number.created", "created_at": now, "data": {}},
+        {"id": "e", "type": "whatsapp.phone_number.created", "created_at": now, "data": "x"},
+        {
+            "id": "e",
+            "type": "whatsapp.phone_number.created",
+            "created_at": now,
+            "data": {"phone_number_id": "+1 555"},
+        },
         {
             "id": "e2",
             "type": "whatsapp.phone_number.quality_update",
+            "created_at": now,
             "data": {"phone_number_id": PN},
         },
     ):
@@ -150,3 +165,47 @@ async def test_a_refused_event_can_be_sent_again(client: TestClient[Any, Any]) -
     assert (await post_event(client, bad))[0] == 400
     good = event("created", "evt_retry", throughput_tier="high")
     assert await post_event(client, good) == (200, {"applied": True})
+
+
+async def test_an_event_older_than_its_id_is_remembered_is_stale(
+    client: TestClient[Any, Any],
+) -> None:
+    await register(client)
+    old = {**event("quality_update", "evt_old", quality_rating="red")}
+    old["created_at"] = rfc3339(-(7 * 86400 + 60))
+    status, body = await post_event(client, old)
+    assert status == 400
+    assert body["error"]["code"] == "stale_event"
+    assert (await number(client))["quality_rating"] == "unknown"
+    # refused before its id was marked: the same id, fresh, still applies
+    old["created_at"] = rfc3339(-(6 * 86400))
+    assert await post_event(client, old) == (200, {"applied": True})
+
+
+async def test_an_event_from_more_than_5_minutes_ahead_is_stale(
+    client: TestClient[Any, Any],
+) -> None:
+    await register(client)
+    ahead = event("quality_update", "evt_ahead", quality_rating="red")
+    ahead["created_at"] = rfc3339(600)
+    status, body = await post_event(client, ahead)
+    assert (status, body["error"]["code"]) == (400, "stale_event")
+    ahead["created_at"] = rfc3339(60)  # a little clock skew is fine
+    assert await post_event(client, ahead) == (200, {"applied": True})
+
+
+@pytest.mark.parametrize(
+    "created_at", [None, "", "yesterday", 1764400000, "2026-11-29T08:00:00", "2026-02-30T00:00:00Z"]
+)
+async def test_created_at_is_required_as_rfc_3339(
+    client: TestClient[Any, Any], created_at: Any
+) -> None:
+    body = event("created")
+    if created_at is None:
+        del body["created_at"]
+    else:
+        body["created_at"] = created_at
+    status, answer = await post_event(client, body)
+    assert status == 400
+    assert answer["error"]["code"] == "invalid_request"
+    assert [d["field"] for d in answer["error"]["details"]] == ["created_at"]

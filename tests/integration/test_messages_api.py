@@ -30,7 +30,8 @@ async def error_of(response: Any, status: int, code: str) -> dict[str, Any]:
     assert set(body) == {"error"}
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
+    error: dict[str, Any] = body["error"]
+    return error
 
 
 async def test_send_answers_202_with_an_url_safe_id(client: TestClient[Any, Any]) -> None:
@@ -282,6 +283,24 @@ async def test_a_batch_refuses_an_idempotency_key(client: TestClient[Any, Any]) 
     )
     error = await error_of(response, 400, "invalid_request")
     assert error["details"][0]["field"] == "Idempotency-Key"
+    assert "idempotency_key" in error["details"][0]["message"]
+
+
+async def test_ttl_seconds_takes_an_integral_float_as_json_schema_does(
+    client: TestClient[Any, Any],
+) -> None:
+    await register(client)
+    sent = await client.post("/v1/messages", json=text_message(ttl_seconds=204102.0), headers=SEND)
+    assert sent.status == 202, await sent.text()
+    out = await (
+        await client.post(
+            "/v1/messages/batch",
+            json={"messages": [text_message(ttl_seconds=60.0), text_message(ttl_seconds=60.5)]},
+            headers=SEND,
+        )
+    ).json()
+    assert (out["accepted"], out["rejected"]) == (1, 1)
+    assert out["results"][1]["error"]["details"][0]["field"] == "ttl_seconds"
 
 
 async def test_a_wrong_method_is_405_in_the_error_shape(client: TestClient[Any, Any]) -> None:

@@ -103,6 +103,7 @@ async def test_the_access_token_is_write_only(client: TestClient[Any, Any]) -> N
         ({"throughput_tier": "high", "max_mps": 250}, 250),
         ({"throughput_tier": "standard", "max_mps": 500}, 80),
         ({"throughput_tier": "unlimited", "max_mps": 50}, 50),
+        ({"throughput_tier": "high", "max_mps": 250.0}, 250),
     ],
 )
 async def test_the_rate_in_force(
@@ -217,3 +218,26 @@ async def test_bad_list_parameters_are_400(client: TestClient[Any, Any], query: 
     response = await client.get(f"/v1/phone-numbers{query}", headers=ADMIN)
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "invalid_request"
+
+
+async def test_max_mps_takes_integral_floats_and_reads_back_as_an_integer(
+    client: TestClient[Any, Any],
+) -> None:
+    view = await register(client, max_mps=25.0)
+    assert view["max_mps"] == 25
+    assert isinstance(view["max_mps"], int)
+    for bad in (25.5, True, 0, 1e20):
+        response = await client.patch(
+            f"/v1/phone-numbers/{PN}", json={"max_mps": bad}, headers=ADMIN
+        )
+        assert response.status == 400
+        assert (await response.json())["error"]["details"][0]["field"] == "max_mps"
+
+
+@pytest.mark.parametrize("limit", ["\u00b2", "\u0663", "1\n", "0", "501", "1.0", ""])
+async def test_limit_is_ascii_digits_from_1_to_500(
+    client: TestClient[Any, Any], limit: str
+) -> None:
+    response = await client.get("/v1/phone-numbers", params={"limit": limit}, headers=ADMIN)
+    assert response.status == 400
+    assert (await response.json())["error"]["details"][0]["field"] == "limit"

@@ -44,6 +44,7 @@ HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "tra
 ERROR_CODES = {
     "invalid_json",
     "invalid_request",
+    "stale_event",
     "unauthorized",
     "forbidden",
     "not_found",
@@ -103,7 +104,12 @@ EXPECTED_ERRORS: dict[tuple[str, str], dict[int, set[str]]] = {
         **_NUMBER_NOT_FOUND,
         400: {"invalid_request"},
     },
-    ("/v1/events", "post"): {**_JSON_BODY, **_DOWN, 401: {"unauthorized"}},
+    ("/v1/events", "post"): {
+        **_JSON_BODY,
+        **_DOWN,
+        400: {"invalid_json", "invalid_request", "stale_event"},
+        401: {"unauthorized"},
+    },
     ("/healthz", "get"): {},
     ("/readyz", "get"): {**_DOWN},
     ("/metrics", "get"): {},
@@ -432,3 +438,38 @@ def test_event_results(document: dict[str, Any]) -> None:
         assert result.is_valid(body), body
     assert not result.is_valid({"applied": False})
     assert not result.is_valid({})
+
+
+def test_batch_messages_carry_their_own_idempotency_key(document: dict[str, Any]) -> None:
+    message = _component(document, "BatchMessage")
+    assert message.is_valid(API_MD_SEND | {"idempotency_key": "otp-8812"})
+    assert message.is_valid(API_MD_SEND)
+    for bad in ("", "k" * 256, "caf\u00e9", "tab\there"):
+        assert not message.is_valid(API_MD_SEND | {"idempotency_key": bad}), bad
+    assert not _component(document, "SendRequest").is_valid(API_MD_SEND | {"idempotency_key": "k"})
+    batch = _component(document, "BatchRequest")
+    assert batch.is_valid({"messages": [API_MD_SEND | {"idempotency_key": "k"}]})
+    response = _component(document, "BatchResponse")
+    replayed = {"id": "0-abc", "status": "queued", "replayed": True}
+    assert response.is_valid({"accepted": 1, "rejected": 0, "results": [replayed]})
+
+
+def test_events_need_a_created_at(document: dict[str, Any]) -> None:
+    event = _component(document, "Event")
+    body = {
+        "id": "evt_1",
+        "type": "whatsapp.phone_number.deleted",
+        "created_at": "2026-11-24T19:30:00Z",
+        "data": {"phone_number_id": "555123456789"},
+    }
+    assert event.is_valid(body)
+    assert not event.is_valid({k: v for k, v in body.items() if k != "created_at"})
+
+
+def test_integers_are_bounded_as_the_gateway_checks_them(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    for name in ("PhoneNumber", "PhoneNumberPatch"):
+        assert schemas[name]["properties"]["max_mps"]["maximum"] == 1_000_000
+    send = _component(document, "SendRequest")
+    assert send.is_valid(API_MD_SEND | {"ttl_seconds": 300.0})
+    assert not send.is_valid(API_MD_SEND | {"ttl_seconds": 300.5})

@@ -1,31 +1,23 @@
 -- push: accept messages in one atomic step.
 -- KEYS: the prefixes of the shards the messages go to (see gateway.accept.service for why one
 --       call may cover several shards).
--- ARGV: max_backlog, idem_scope, idem_key, body_hash, idem_ttl_s,
+-- ARGV: max_backlog, idem_scope, idem_ttl_s,
 --       then groups: key index (into KEYS), pn, count,
---                    count x (id, list, category, payload, reference, ttl_s)
--- An empty idem_key means no idempotency. Returns, for an idempotent repeat,
--- {'replay', id} or {'conflict'}; otherwise per group {code, accepted, tier} flattened, where
--- code is 'ok', 'unknown' or 'deleted' and accepted may fall short of count when the backlog
--- limit was reached.
+--                    count x (id, list, category, payload, reference, ttl_s, idem_key, digest)
+-- A message with an idem_key is one of an idempotent send: its record `idem:<scope>:<key>`
+-- ('<digest> <id>') is read and written here, in the same step as the push, so a retry finds
+-- the first attempt's message whenever that attempt landed, even after its answer was lost.
+-- Returns per group, flattened: code ('ok', 'unknown' or 'deleted'), accepted (how many new
+-- messages were queued: the first ones in order, fewer than asked when the backlog is full),
+-- tier, n_seen, then n_seen x (position in the group from 0, 'replay' | 'conflict', first id
+-- or ''): messages whose key was already used, which take no room and are not counted.
 local now = now_ms()
 local max_backlog = tonumber(ARGV[1])
-local idem_key = ARGV[3]
-local idem
-if idem_key ~= '' then
-  idem = key_idem(ARGV[2], idem_key)
-  local prev = redis.call('GET', idem)
-  if prev then
-    local sep = string.find(prev, ' ', 1, true)
-    if string.sub(prev, 1, sep - 1) == ARGV[4] then
-      return {'replay', string.sub(prev, sep + 1)}
-    end
-    return {'conflict'}
-  end
-end
+local scope = ARGV[2]
+local idem_ttl = tonumber(ARGV[3])
 
 local out = {}
-local i = 6
+local i = 4
 while i <= #ARGV do
   -- the prelude's key functions all read P: point it at this group's shard
   P = KEYS[tonumber(ARGV[i])]
@@ -35,19 +27,36 @@ while i <= #ARGV do
   local number = redis.call('HMGET', key_cfg(pn), 'status', 'throughput_tier', 'quality_rating',
                             'nx', 'd_h', 'd_hm', 'd_n', 'd_nm', 'd_l', 'd_lm')
   local status = number[1]
+  local code, room = 'ok', 0
   if not status then
-    out[#out + 1] = 'unknown'; out[#out + 1] = 0; out[#out + 1] = ''
+    code = 'unknown'
   elseif status == 'deleted' then
-    out[#out + 1] = 'deleted'; out[#out + 1] = 0; out[#out + 1] = number[2]
+    code = 'deleted'
   else
-    local room = max_backlog - depth_of(pn, {number[5], number[6], number[7], number[8],
-                                             number[9], number[10]})
-    local accepted = count
-    if room < accepted then accepted = math.max(room, 0) end
-    local by_list = {}
-    local sendable = false
-    for j = 0, accepted - 1 do
-      local b = i + j * 6
+    room = max_backlog - depth_of(pn, {number[5], number[6], number[7], number[8],
+                                       number[9], number[10]})
+  end
+  local accepted = 0
+  local seen = {}
+  local by_list = {}
+  local sendable = false
+  for j = 0, count - 1 do
+    local b = i + j * 8
+    local idem, prev = nil, nil
+    if ARGV[b + 6] ~= '' then
+      idem = key_idem(scope, ARGV[b + 6])
+      prev = redis.call('GET', idem)
+    end
+    if prev then
+      local sep = string.find(prev, ' ', 1, true)
+      seen[#seen + 1] = j
+      if string.sub(prev, 1, sep - 1) == ARGV[b + 7] then
+        seen[#seen + 1] = 'replay'; seen[#seen + 1] = string.sub(prev, sep + 1)
+      else
+        seen[#seen + 1] = 'conflict'; seen[#seen + 1] = ''
+      end
+    elseif code == 'ok' and accepted < room then
+      accepted = accepted + 1
       local id, list = ARGV[b], ARGV[b + 1]
       local fields = {'pn', pn, 's', 'queued', 'c', ARGV[b + 2], 'l', string.sub(list, 1, 1),
                       'p', ARGV[b + 3], 'ca', now}
@@ -60,18 +69,18 @@ while i <= #ARGV do
       if not ids then ids = {}; by_list[list] = ids end
       ids[#ids + 1] = id
       if string.len(list) == 1 or number[3] ~= 'red' then sendable = true end
-    end
-    for list, ids in pairs(by_list) do
-      redis.call('RPUSH', key_lane(pn, list), unpack(ids))
-    end
-    if sendable and status == 'active' then
-      schedule(pn, math.max(now, tonumber(number[4] or '0')))
-    end
-    out[#out + 1] = 'ok'; out[#out + 1] = accepted; out[#out + 1] = number[2]
-    if idem and accepted == 1 then
-      redis.call('SET', idem, ARGV[4] .. ' ' .. ARGV[i], 'EX', tonumber(ARGV[5]))
+      if idem then redis.call('SET', idem, ARGV[b + 7] .. ' ' .. id, 'EX', idem_ttl) end
     end
   end
-  i = i + count * 6
+  for list, ids in pairs(by_list) do
+    redis.call('RPUSH', key_lane(pn, list), unpack(ids))
+  end
+  if sendable and status == 'active' then
+    schedule(pn, math.max(now, tonumber(number[4] or '0')))
+  end
+  out[#out + 1] = code; out[#out + 1] = accepted; out[#out + 1] = number[2] or ''
+  out[#out + 1] = #seen / 3
+  for _, value in ipairs(seen) do out[#out + 1] = value end
+  i = i + count * 8
 end
 return out
