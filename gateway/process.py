@@ -21,6 +21,7 @@ import uvloop
 from aiohttp import web
 
 from gateway import logs, metrics
+from gateway.api import wire
 from gateway.api.app import create_app
 from gateway.drain.rates import RegistryRates
 from gateway.drain.upstream import CloudApi
@@ -56,7 +57,8 @@ async def _start_http(
     if role is Role.WORKER and index > 0:
         return None  # one process per host serves a worker's operations routes
     app = create_app(settings, store, api=role is not Role.WORKER)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    # The wire runner answers malformed HTTP in API.md's shape, logging nothing of it.
+    runner = wire.runner(app)
     await runner.setup()
     site = web.TCPSite(
         runner, settings.host, settings.port, reuse_port=role is not Role.WORKER, backlog=1024

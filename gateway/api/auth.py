@@ -2,6 +2,8 @@
 
 Keys are compared in constant time, and every configured key is compared, so the time taken
 does not tell which key nearly matched. `/v1/events` is authenticated by its signature instead.
+A header is compared as the bytes it arrived as: a byte that is not UTF-8 (aiohttp keeps it as a
+surrogate escape) matches no key and is a `401`, not an encoding error.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 
+# The challenge of every 401 on a bearer route (RFC 6750).
+CHALLENGE = 'Bearer realm="whatsapp-gateway"'
+
+
+def _raw(text: str) -> bytes:
+    """`text` as the bytes it was read from (headers and the environment keep bad bytes)."""
+    return text.encode("utf-8", "surrogateescape")
+
 
 class Role(Enum):
     SEND = "send"
@@ -21,12 +31,12 @@ class Role(Enum):
 
 class KeyRing:
     def __init__(self, send_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> None:
-        self._keys = [(k.encode(), Role.SEND) for k in send_keys] + [
-            (k.encode(), Role.ADMIN) for k in admin_keys
+        self._keys = [(_raw(k), Role.SEND) for k in send_keys] + [
+            (_raw(k), Role.ADMIN) for k in admin_keys
         ]
 
     def role_of(self, presented: str) -> Role | None:
-        candidate = presented.encode()
+        candidate = _raw(presented)
         found: Role | None = None
         for key, role in self._keys:
             if hmac.compare_digest(candidate, key) and found is not Role.ADMIN:

@@ -1,7 +1,14 @@
-"""Small HTTP helpers shared by the route modules: JSON in and out, with API.md's limits."""
+"""Small HTTP helpers shared by the route modules: JSON in and out, with API.md's limits.
+
+A body is read by `read_body` only: it refuses a declared length over the route's limit before
+reading a byte, stops reading a chunked body as soon as it passes the limit, and gives up on a
+body that has not arrived within `BODY_TIMEOUT_S`. Those errors are `BodyError`s: the rest of
+the body is unread, so the answer closes the connection rather than parse it as a next request.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -16,6 +23,12 @@ MESSAGE_BODY = 64 * KIB
 BATCH_BODY = 4 * MIB
 # aiohttp refuses anything larger before a handler runs.
 MAX_BODY = BATCH_BODY
+# The whole body must arrive within this (a 4 MiB batch needs about 2.2 Mbit/s).
+BODY_TIMEOUT_S = 15.0
+
+
+class BodyError(ApiError):
+    """The body could not be read to its end: the answer closes the connection."""
 
 
 def json_response(
@@ -28,26 +41,61 @@ def json_response(
 
 def error_response(error: ApiError) -> web.Response:
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
-    return json_response(error.body(), error.status, headers)
+    response = json_response(error.body(), error.status, headers)
+    if isinstance(error, BodyError):
+        response.force_close()
+    return response
 
 
 def payload_too_large(limit: int) -> ApiError:
-    return ApiError(
+    return BodyError(
         413, "payload_too_large", f"The body is larger than the limit of {limit // KIB} KiB."
     )
 
 
-async def read_json(request: web.Request, limit: int) -> Any:
-    """The body as JSON: 415 unless it is JSON, 413 above `limit` bytes, 400 if malformed."""
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body: 413 above `limit` bytes (unread), 408 if it is too slow to arrive."""
+    if request.content_length is not None and request.content_length > limit:
+        raise payload_too_large(limit)
+    body = bytearray()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise payload_too_large(limit)
+    except TimeoutError:
+        raise BodyError(
+            408,
+            "request_timeout",
+            f"The body did not arrive within {BODY_TIMEOUT_S:.0f} seconds.",
+        ) from None
+    except (web.RequestPayloadError, ConnectionResetError):
+        # Bad chunked encoding, a body shorter than its Content-Length, a client gone.
+        raise BodyError(
+            400, "invalid_request", "The body ended early or its transfer encoding is malformed."
+        ) from None
+    return bytes(body)
+
+
+def _check_json_type(request: web.Request) -> None:
     if request.content_type != "application/json":
         raise ApiError(
             415,
             "unsupported_media_type",
             "Send the body as JSON with Content-Type: application/json.",
         )
-    if request.content_length is not None and request.content_length > limit:
-        raise payload_too_large(limit)
-    raw = await request.read()
-    if len(raw) > limit:
-        raise payload_too_large(limit)
-    return parse_json(raw)
+    charset = request.charset
+    if charset is not None and charset.lower() != "utf-8":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "The body must be UTF-8: send Content-Type: application/json with no charset or "
+            "with charset=utf-8.",
+        )
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    """The body as JSON: 415 unless it is UTF-8 JSON, 413 above `limit` bytes, 400 if malformed."""
+    _check_json_type(request)
+    return parse_json(await read_body(request, limit))

@@ -1,9 +1,12 @@
 """The one middleware every request passes: auth, error shape, and HTTP metrics.
 
-Errors leave in API.md's shape whatever raised them: `ApiError` as itself, Redis being
-unreachable as `503 unavailable`, aiohttp's own HTTP errors (no route, wrong method, body too
-large) translated, and anything else — a bug — logged with its traceback and answered as a
-generic 500 that shows no internals.
+Errors leave in API.md's shape whatever raised them: `ApiError` as itself (a `401` with its
+`WWW-Authenticate` challenge), Redis being unreachable as `503 unavailable`, aiohttp's own HTTP
+errors (no route, wrong method with its `Allow`, body too large) translated, and anything else —
+a bug — logged with its traceback and answered as a generic 500 that shows no internals.
+
+What a client sent is logged through `logs.untrusted` only; the Redis warning, which would
+otherwise repeat with every request of an outage, is throttled.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from gateway import metrics
-from gateway.api.auth import KeyRing, authenticate
+from gateway.api.auth import CHALLENGE, KeyRing, authenticate, required_role
 from gateway.api.http import MAX_BODY, error_response, payload_too_large
 from gateway.api.state import API_KEY
 from gateway.errors import ApiError, StoreUnavailable, unavailable
+from gateway.logs import Throttled, untrusted
 
 log = logging.getLogger("gateway.api")
 
@@ -45,7 +49,24 @@ def _translate(exc: web.HTTPException) -> ApiError:
     return ApiError(exc.status, code, message)
 
 
+def _api_error_response(request: web.Request, exc: ApiError) -> web.Response:
+    response = error_response(exc)
+    if exc.status == 401 and required_role(request.path) is not None:
+        response.headers["WWW-Authenticate"] = CHALLENGE
+    return response
+
+
+def _http_error_response(exc: web.HTTPException) -> web.Response:
+    response = error_response(_translate(exc))
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
 def make_middleware(ring: KeyRing) -> Middleware:
+    # One per process: an outage is told once every few seconds, not once per request.
+    redis_warnings = Throttled(log)
+
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -55,20 +76,30 @@ def make_middleware(ring: KeyRing) -> Middleware:
                 request[API_KEY] = presented
             response = await handler(request)
         except ApiError as exc:
-            response = error_response(exc)
+            response = _api_error_response(request, exc)
         except StoreUnavailable as exc:
             metrics.REDIS_ERRORS.inc()
-            log.warning("redis unavailable for %s %s: %s", request.method, request.path, exc)
+            redis_warnings.warning(
+                "redis unavailable for %s %s: %s",
+                untrusted(request.method),
+                untrusted(request.path),
+                untrusted(exc),
+            )
             response = error_response(unavailable())
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            response = error_response(_translate(exc))
+            response = _http_error_response(exc)
         except Exception:
-            log.exception("unhandled error for %s %s", request.method, request.path)
+            log.exception(
+                "unhandled error for %s %s", untrusted(request.method), untrusted(request.path)
+            )
             response = error_response(
                 ApiError(500, "internal", "The gateway failed to answer; this is a bug.")
             )
+        else:
+            if response.status < 500 and required_role(request.path) is not None:
+                redis_warnings.recovered("redis answers again")
         route = _route_label(request)
         metrics.local_http_requests.inc(route, str(response.status))
         metrics.local_http_duration.observe(time.perf_counter() - started, route)

@@ -40,6 +40,7 @@ async def test_no_valid_key_is_401(
 ) -> None:
     response = await client.request(method, path, json={}, headers=headers)
     assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="whatsapp-gateway"'
     body = await response.json()
     assert body["error"]["code"] == "unauthorized"
     assert SEND_KEY not in str(body) and ADMIN_KEY not in str(body)
@@ -70,3 +71,12 @@ async def test_a_send_key_sends(client: TestClient[Any, Any]) -> None:
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/openapi.json"])
 async def test_operations_routes_need_no_key(client: TestClient[Any, Any], path: str) -> None:
     assert (await client.get(path)).status == 200
+
+
+async def test_a_key_that_is_not_ascii_is_401_not_an_error(client: TestClient[Any, Any]) -> None:
+    # Non-ASCII in the header matches no key (tests/security/test_wire.py sends raw bytes).
+    response = await client.get(
+        "/v1/phone-numbers", headers={"Authorization": "Bearer k\u00e9y\u2028"}
+    )
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "unauthorized"

@@ -22,3 +22,16 @@ async def test_send_then_read_status(client: TestClient[Any, Any]) -> None:
     assert status["client_reference"] == "r1"
     number = await (await client.get("/v1/phone-numbers/555123456789", headers=ADMIN)).json()
     assert number["queue_depth"] == {"high": 0, "normal": 1, "low": 0}
+
+
+async def test_answers_name_the_product_not_its_versions(client: TestClient[Any, Any]) -> None:
+    for path in ("/healthz", "/nowhere", "/v1/messages/x"):
+        response = await client.get(path)
+        assert response.headers["Server"] == "whatsapp-gateway"
+
+
+async def test_a_405_says_what_is_allowed(client: TestClient[Any, Any]) -> None:
+    response = await client.post("/healthz")
+    assert response.status == 405
+    assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
+    assert (await response.json())["error"]["code"] == "method_not_allowed"
