@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,5 +28,10 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/python -m bench all
 
+# The long fuzz (`make test` runs a bounded one): schemathesis with every check and phase against
+# a real `gateway run`, with an admin, a send and no key. Options: make fuzz FUZZ_ARGS="--help".
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz $(FUZZ_ARGS)
+
 clean:
-	rm -rf $(VENV) .gateway .mypy_cache .ruff_cache
+	rm -rf $(VENV) .gateway .mypy_cache .ruff_cache .fuzz

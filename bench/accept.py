@@ -86,6 +86,7 @@ def _locust(url: str, args: argparse.Namespace) -> dict[str, float]:
         "BENCH_BATCH_WEIGHT": "0",
     }
     csv = Path(stack.RESULTS / "locust-accept")
+    csv.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
             sys.executable,

@@ -4,7 +4,7 @@ For numbers of every tier (and a coexistence number, capped at 20/s) with severa
 backlog, drained by `gateway worker` with 1 and then 4 processes into the sandbox, it reports per
 number the most arrivals in any sliding second (target: never above the rate), how many such
 windows went over (target 0) and the sustained rate as a fraction of the rate (target ≥ 0.99),
-and draws sends per 100 ms against each number's rate line (bench/results/accuracy-*.png).
+and draws sends per 100 ms against each number's rate line (accuracy-*.png beside the JSON).
 """
 
 from __future__ import annotations

@@ -5,9 +5,12 @@ Run headless against any gateway:
     .venv/bin/locust -f bench/locustfile.py --headless -u 50 -r 10 -t 30s \\
         --host http://127.0.0.1:8080
 
-Settings (environment): GATEWAY_API_KEY (a send key; default the first of GATEWAY_API_KEYS, else
-`dev-send-key`), GATEWAY_ADMIN_KEY (an admin key, used when BENCH_REGISTER=1 to register the
-numbers first), BENCH_NUMBERS (how many numbers, default 1000), BENCH_BATCH_SIZE (default 100),
+Settings (environment): GATEWAY_API_KEY (a send key; default the first of GATEWAY_API_KEYS),
+GATEWAY_ADMIN_KEY (an admin key, or the first of GATEWAY_ADMIN_KEYS, used when BENCH_REGISTER=1 to
+register the numbers first). Without them, the keys `gateway run` generated are read from
+`$GATEWAY_DATA_DIR/credentials.json` (default `.gateway/credentials.json` in the directory locust
+is started from); with neither, locust stops at once saying so (bench/locust_keys.py).
+BENCH_NUMBERS (how many numbers, default 1000), BENCH_BATCH_SIZE (default 100),
 BENCH_BATCH_WEIGHT / BENCH_SINGLE_WEIGHT (how often each task runs, default 1 and 10).
 """
 
@@ -16,24 +19,26 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import sys
 
 from locust import FastHttpUser, between, events, task
+
+try:
+    from bench.locust_keys import MissingKeysError, load_keys
+except ImportError:  # locust puts this file's directory on sys.path; compose mounts bench/ alone
+    from locust_keys import MissingKeysError, load_keys  # type: ignore[no-redef]
 
 NUMBERS = [f"5557{i:08d}" for i in range(int(os.environ.get("BENCH_NUMBERS", "1000")))]
 WEIGHTS = list(itertools.accumulate(1 / (i + 1) for i in range(len(NUMBERS))))
 BATCH_SIZE = int(os.environ.get("BENCH_BATCH_SIZE", "100"))
 
 
-def _first(names: str, default: str) -> str:
-    for name in names.split():
-        value = os.environ.get(name, "").split(",")[0].strip()
-        if value:
-            return value
-    return default
-
-
-SEND_KEY = _first("GATEWAY_API_KEY GATEWAY_API_KEYS", "dev-send-key")
-ADMIN_KEY = _first("GATEWAY_ADMIN_KEY GATEWAY_ADMIN_KEYS", "dev-admin-key")
+try:
+    KEYS = load_keys(require_admin=os.environ.get("BENCH_REGISTER") == "1")
+except MissingKeysError as exc:
+    sys.exit(f"bench/locustfile.py: {exc}")
+SEND_KEY = KEYS.send
+ADMIN_KEY = KEYS.admin
 
 
 def pick_number() -> str:

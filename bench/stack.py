@@ -33,7 +33,10 @@ from gateway.store.connection import LISTPACK_VALUE
 SHARDS = 64
 # What the embedded Redis runs with, and what README recommends for an external one.
 RECOMMENDED_REDIS_ARGS = ["--hash-max-listpack-value", str(LISTPACK_VALUE)]
+# Every run writes here; git ignores it, so benchmarking leaves the work tree clean.
 RESULTS = Path(__file__).resolve().parent / "results"
+# Figures meant to be committed: written only by `python -m bench --record ...`.
+RECORDED = Path(__file__).resolve().parent / "recorded"
 
 
 def free_port() -> int:

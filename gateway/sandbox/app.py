@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import itertools
 import os
 import time
@@ -17,6 +18,10 @@ from gateway.sandbox.faults import Answer, FaultError, Faults
 
 RATE_CACHE_S = 1.0
 WINDOW_S = 1.0
+# A token at least this long shows its first characters when masked (Meta's start with `EAA`,
+# which tells a user token from another kind); a shorter one would give too much of itself away.
+MASK_PREFIX_MIN_LENGTH = 20
+MASK_PREFIX = 4
 
 # Meta's messages for the codes the sandbox answers with.
 _MESSAGES = {
@@ -190,6 +195,19 @@ async def send_message(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
 
+def mask_token(token: str) -> str:
+    """How `/_sandbox/requests` shows an access token: never the token itself.
+
+    8 hex digits of its SHA-256 tell tokens apart (a test compares `mask_token(expected)`),
+    after the first 4 characters of a long one; `""` stays `""` (no token was sent).
+    """
+    if not token:
+        return ""
+    digest = hashlib.sha256(token.encode()).hexdigest()[:8]
+    prefix = token[:MASK_PREFIX] if len(token) >= MASK_PREFIX_MIN_LENGTH else ""
+    return f"{prefix}…{digest}"
+
+
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
@@ -220,7 +238,8 @@ async def requests(request: web.Request) -> web.Response:
             {
                 "path": f"/{r.phone_number_id}/messages",
                 "phone_number_id": r.phone_number_id,
-                "token": r.token,
+                # Masked: whoever can read the sandbox must not learn the numbers' tokens.
+                "token": mask_token(r.token),
                 "body": body,
                 "outcome": r.outcome,
                 "time": r.time,

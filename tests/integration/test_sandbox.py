@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.sandbox import StaticRates, create_sandbox_app
+from gateway.sandbox import StaticRates, create_sandbox_app, mask_token
 from tests.integration.drain_support import Sandbox, running_sandbox
 
 PN = "555123456789"
@@ -136,13 +136,30 @@ async def test_a_nonsense_fault_document_is_refused(sandbox: Sandbox) -> None:
 async def test_requests_are_recorded_and_can_be_cleared(sandbox: Sandbox) -> None:
     await post(sandbox)
     [request] = await sandbox.requests(PN)
-    assert request["token"] == "token"
+    assert request["token"] == mask_token("token")
     assert request["body"] == BODY
     assert request["outcome"] == "ok"
     stats = await sandbox.admin("GET", "stats")
     assert stats["numbers"][PN] == {"ok": 1}
     await sandbox.admin("DELETE", "records")
     assert await sandbox.requests(PN) == []
+
+
+async def test_recorded_access_tokens_are_masked(sandbox: Sandbox) -> None:
+    token = "EAAGm0PX4ZCpsBAKZCyZBqQ1secretsecretsecret"
+    other = "EAAGm0PX4ZCpsBAKZCyZBqQ1another-token-value"
+    await post(sandbox, headers={"Authorization": f"Bearer {token}"})
+    await post(sandbox, headers={"Authorization": f"Bearer {other}"})
+    await post(sandbox, headers={"Authorization": "Bearer short"})
+    async with sandbox.http.get(f"{sandbox.root}/_sandbox/requests") as response:
+        raw = await response.text()
+    for secret in (token, other, "short", token[4:12], "secret"):
+        assert secret not in raw
+    shown = [r["token"] for r in await sandbox.requests(PN)]
+    assert shown == [mask_token(token), mask_token(other), mask_token("short")]
+    assert shown[0].startswith("EAAG…") and shown[0] != shown[1]  # a kind, and which token
+    assert shown[2].startswith("…")  # a short token shows none of itself
+    assert len(set(shown)) == 3
 
 
 async def test_recordings_are_bounded() -> None:
