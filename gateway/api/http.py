@@ -78,7 +78,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _check_json_type(request: web.Request) -> None:
+def require_json_type(request: web.Request) -> None:
+    """415 unless the body is declared as JSON in UTF-8 (no charset, or charset=utf-8)."""
     if request.content_type != "application/json":
         raise ApiError(
             415,
@@ -97,5 +98,5 @@ def _check_json_type(request: web.Request) -> None:
 
 async def read_json(request: web.Request, limit: int) -> Any:
     """The body as JSON: 415 unless it is UTF-8 JSON, 413 above `limit` bytes, 400 if malformed."""
-    _check_json_type(request)
+    require_json_type(request)
     return parse_json(await read_body(request, limit))
