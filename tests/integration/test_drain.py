@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway.sandbox import mask_token
 from gateway.settings import Settings
 from gateway.store import Store
 from tests.conftest import ADMIN, SEND, register, text_message
@@ -82,7 +83,7 @@ async def test_a_message_is_sent_with_the_exact_cloud_api_request(
     assert sent["attempts"] == 1
     assert sent["sent_at"] is not None
     [request] = await sandbox.requests(PN)
-    assert request["token"] == "number-token"
+    assert request["token"] == mask_token("number-token")
     body = request["body"]
     assert body == {
         "messaging_product": "whatsapp",
@@ -102,7 +103,7 @@ async def test_a_number_without_its_own_token_uses_the_default(
     async with running_drain(drain_settings(settings, sandbox), store):
         await wait_status(client, await send(client), "sent")
     [request] = await sandbox.requests(PN)
-    assert request["token"] == DEFAULT_TOKEN
+    assert request["token"] == mask_token(DEFAULT_TOKEN)
 
 
 async def test_lanes_drain_high_then_normal_then_low(
