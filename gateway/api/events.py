@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.accept.validation import parse_json
-from gateway.api.http import MESSAGE_BODY, json_response, payload_too_large
+from gateway.api.http import MESSAGE_BODY, json_response, read_body, require_json_type
 from gateway.api.state import SERVICES, Services
 from gateway.errors import ApiError, FieldProblem, invalid_request
 from gateway.registry.model import phone_number_id_problem
@@ -126,11 +126,7 @@ async def _apply(services: Services, kind: str, data: dict[str, Any]) -> dict[st
 @routes.post("/v1/events")
 async def receive_event(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    if request.content_length is not None and request.content_length > MESSAGE_BODY:
-        raise payload_too_large(MESSAGE_BODY)
-    raw = await request.read()
-    if len(raw) > MESSAGE_BODY:
-        raise payload_too_large(MESSAGE_BODY)
+    raw = await read_body(request, MESSAGE_BODY)
     secret = services.settings.webhook_secret or ""
     if not secret or not signature_ok(secret, raw, request.headers.get("X-Signature-256")):
         raise ApiError(
@@ -138,8 +134,7 @@ async def receive_event(request: web.Request) -> web.Response:
             "unauthorized",
             "Missing or wrong X-Signature-256 (sha256=<hex HMAC-SHA256 of the body>).",
         )
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "Send the event as application/json.")
+    require_json_type(request)
     event_id, kind, data = _parse_event(parse_json(raw))
     if kind not in (CREATED, QUALITY_UPDATE, DELETED):
         return json_response({"ignored": True})

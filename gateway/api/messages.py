@@ -10,6 +10,9 @@ from gateway.api.state import API_KEY, SERVICES
 from gateway.errors import FieldProblem, invalid_request
 
 routes = web.RouteTableDef()
+# A message id starts with its shard number, so `/v1/messages/batch` is not one: a GET or an
+# OPTIONS of the batch route answers 405 with `Allow: POST`, not the methods of a message.
+MESSAGE_PATH = "/v1/messages/{id:[0-9][^/]*}"
 
 
 @routes.post("/v1/messages")
@@ -40,11 +43,11 @@ async def send_batch(request: web.Request) -> web.Response:
     return json_response(await acceptor.send_batch(body, request[API_KEY]))
 
 
-@routes.get("/v1/messages/{id}")
+@routes.get(MESSAGE_PATH)
 async def get_status(request: web.Request) -> web.Response:
     return json_response(await request.app[SERVICES].messages.get(request.match_info["id"]))
 
 
-@routes.delete("/v1/messages/{id}")
+@routes.delete(MESSAGE_PATH)
 async def cancel(request: web.Request) -> web.Response:
     return json_response(await request.app[SERVICES].messages.cancel(request.match_info["id"]))

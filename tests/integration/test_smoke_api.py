@@ -35,3 +35,10 @@ async def test_a_405_says_what_is_allowed(client: TestClient[Any, Any]) -> None:
     assert response.status == 405
     assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
     assert (await response.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_the_batch_route_allows_only_post(client: TestClient[Any, Any]) -> None:
+    for method in ("GET", "DELETE", "OPTIONS"):
+        response = await client.request(method, "/v1/messages/batch", headers=SEND)
+        assert response.status == 405, method
+        assert response.headers["Allow"] == "POST"
