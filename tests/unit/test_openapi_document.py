@@ -40,7 +40,8 @@ EXPECTED_OPERATIONS = {
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
-# The codes of API.md, plus the team's 405 for a wrong method on a known path.
+# The codes of API.md, plus the team's 405 for a wrong method on a known path and 408 for a body
+# that does not arrive in time.
 ERROR_CODES = {
     "invalid_json",
     "invalid_request",
@@ -57,11 +58,16 @@ ERROR_CODES = {
     "backlog_full",
     "unavailable",
     "method_not_allowed",
+    "request_timeout",
 }
 
 _AUTH = {401: {"unauthorized"}}
 _ADMIN = {401: {"unauthorized"}, 403: {"forbidden"}}
-_BODY = {400: {"invalid_json", "invalid_request"}, 413: {"payload_too_large"}}
+_BODY = {
+    400: {"invalid_json", "invalid_request"},
+    408: {"request_timeout"},
+    413: {"payload_too_large"},
+}
 _JSON_BODY = {**_BODY, 415: {"unsupported_media_type"}}
 _DOWN = {503: {"unavailable"}}
 _NUMBER_NOT_FOUND = {404: {"not_found"}}
