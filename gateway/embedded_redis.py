@@ -16,14 +16,12 @@ its version is used instead, or the start fails saying what to install.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.util
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,12 +34,12 @@ import orjson
 
 from gateway.errors import ConfigError, GatewayError
 from gateway.instance import PRIVATE_UMASK
+from gateway.lifeline import die_with_parent
 from gateway.store.connection import LISTPACK_VALUE
 
 log = logging.getLogger("gateway.redis")
 
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
-_PR_SET_PDEATHSIG = 1
 _VERSION = re.compile(r"(?P<name>Redis|Valkey) server v=(?P<version>\d+(?:\.\d+)*)", re.I)
 
 
@@ -148,12 +146,6 @@ def _candidates() -> list[str]:
     return [path for path in [*found, bundled] if path is not None]
 
 
-def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child before exec
-    """Have the kernel SIGTERM the server when the gateway that started it dies (Linux)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class EmbeddedRedis:
     """`start()` returns the URL to use; `stop()` is safe to call twice; `start()` again restarts.
 
@@ -219,7 +211,7 @@ class EmbeddedRedis:
             start_new_session=True,
             umask=PRIVATE_UMASK,
             # The supervisor runs no threads, and the hook only makes one system call.
-            preexec_fn=_set_parent_death_signal if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from enum import Enum
 import uvloop
 from aiohttp import web
 
-from gateway import logs, metrics
+from gateway import lifeline, logs, metrics
 from gateway.api import wire
 from gateway.api.app import create_app
 from gateway.drain.rates import RegistryRates
@@ -46,6 +47,11 @@ class Role(Enum):
 
 def child_main(settings: Settings, role: Role, index: int) -> None:
     logs.configure(settings.log_format, settings.log_level)
+    # A worker left behind by a killed supervisor would keep serving the port on its own.
+    lifeline.die_with_parent()
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None and lifeline.orphaned(parent.pid):
+        return
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(serve(settings, role, index))
 

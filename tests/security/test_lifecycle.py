@@ -394,3 +394,35 @@ def test_api_and_worker_share_one_data_dir_and_survive_each_other(
     extra.command.start()
     assert extra.exit_code(60) != 0
     assert f"pid {worker.pid}" in extra.command.output(), extra.command.output()
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_supervisor_leaves_nothing_serving(
+    tmp_path: Path, gateways: list[Gateway]
+) -> None:
+    first = Gateway(tmp_path / "service", GATEWAY_WORKERS="2")
+    gateways.append(first)
+    first.start()
+    started = children_of(first.pid)
+    assert len(started) >= 3, started  # two workers and the embedded Redis
+    os.kill(first.pid, signal.SIGKILL)
+    first.command.wait(10)
+    eventually(lambda: all(is_zombie_or_gone(pid) for pid in started), 30, "orphans still run")
+    again = Gateway(tmp_path / "service", port=first.port)
+    gateways.append(again)
+    again.start()
+    assert ready(again.base)
