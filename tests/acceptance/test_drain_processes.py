@@ -25,7 +25,12 @@ from gateway.registry import Registry
 from gateway.store import Store
 from tests.acceptance.commands import Command, clean_env
 from tests.conftest import make_settings
-from tests.integration.drain_support import eventually, max_in_window, sustained_rate
+from tests.integration.drain_support import (
+    eventually,
+    max_in_window,
+    shards_shared,
+    sustained_rate,
+)
 from tests.servers import RedisServer, free_port
 
 
@@ -157,7 +162,7 @@ async def test_three_worker_processes_hold_every_number_to_its_rate(
         await queue(store, pn, int(rate * 2.5))
     workers = start_workers(tmp_path, redis_server.url, upstream, 3)
     try:
-        await asyncio.sleep(2.5)  # the three processes share out the shards
+        await shards_shared(store, 3)
         for pn in tiers:
             await registry.patch(pn, {"status": "active"})
         await drained(store, list(tiers), 30.0)
@@ -208,7 +213,7 @@ async def test_a_killed_worker_loses_nothing(
     doomed = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
     survivor = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
     try:
-        await asyncio.sleep(2.5)
+        await shards_shared(store, 2)
         await registry.patch(pn, {"status": "active"})
         await asyncio.sleep(1.0)
         doomed.kill_tree()

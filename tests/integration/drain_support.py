@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway import keys
 from gateway.drain.upstream import CloudApi
 from gateway.drain.worker import Drain
 from gateway.sandbox import StaticRates, start_sandbox
@@ -105,6 +106,29 @@ async def eventually(
             return
         await asyncio.sleep(every_s)
     raise AssertionError(f"{what} did not happen within {within_s}s")
+
+
+async def shards_shared(store: Store, workers: int, within_s: float = 30.0) -> None:
+    """Wait until `workers` worker processes hold every shard in fair shares.
+
+    Then no shard changes hands while a test measures (the handover is not what it tests).
+    """
+    fair = -(-store.shards // workers)
+
+    async def shared() -> bool:
+        members = await store.redis.zcard(keys.members())
+        owners = await store.redis.mget([keys.owner(shard) for shard in range(store.shards)])
+        held: dict[Any, int] = {}
+        for owner in owners:
+            held[owner] = held.get(owner, 0) + 1
+        return (
+            members == workers
+            and None not in held
+            and len(held) == workers
+            and max(held.values()) <= fair
+        )
+
+    await eventually(shared, within_s, f"{workers} workers sharing the shards", every_s=0.1)
 
 
 def max_in_window(times: list[float], window_s: float = 1.0) -> int:

@@ -252,7 +252,7 @@ async def test_a_405_carries_allow(gateway: Gateway) -> None:
     assert set(answer.headers["allow"].split(",")) == {"GET", "HEAD"}
     auth = f"Authorization: Bearer {gateway.admin_key}"
     answer, _ = await exchange(
-        gateway.port, head("POST", "/v1/messages/x", auth, "Connection: close")
+        gateway.port, head("POST", "/v1/messages/1-x", auth, "Connection: close")
     )
     assert answer.status == 405
     assert set(answer.headers["allow"].split(",")) == {"GET", "HEAD", "DELETE"}
