@@ -57,6 +57,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """The raw body: 413 above `limit` bytes (unread), 408 if it is too slow to arrive."""
     if request.content_length is not None and request.content_length > limit:
         raise payload_too_large(limit)
+    content = request.content
+    if content.is_eof() and content.exception() is None:
+        # The whole body came with the head (the common case: a small JSON body): nothing to
+        # wait for, so no deadline either.
+        raw = content.read_nowait()
+        if len(raw) > limit:
+            raise payload_too_large(limit)
+        return raw
     body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -42,3 +43,18 @@ async def test_the_batch_route_allows_only_post(client: TestClient[Any, Any]) ->
         response = await client.request(method, "/v1/messages/batch", headers=SEND)
         assert response.status == 405, method
         assert response.headers["Allow"] == "POST"
+
+
+async def test_a_chunked_body_over_the_limit_is_refused(client: TestClient[Any, Any]) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"text": "'
+        yield b"x" * (70 * 1024)
+        yield b'"}'
+
+    response = await client.post(
+        "/v1/messages",
+        data=chunks(),
+        headers={**SEND, "Content-Type": "application/json"},
+    )
+    assert response.status == 413
+    assert "64 KiB" in (await response.json())["error"]["message"]
