@@ -29,7 +29,11 @@ from gateway.drain.upstream import CloudApi, TimedBody
 
 log = logging.getLogger("gateway.drain")
 
-# The dispatcher releases what is due up to this early (the timer's granularity).
+# The dispatcher hands a rate-limited message to a sender this long before its stamp, so the
+# sender has its connection and request ready when the stamp comes; the body itself is written
+# at the stamp (`TimedBody.not_before`), never more than EARLY_S (the timer's granularity)
+# before it. A stall of the process then only delays the write, not the whole request path.
+LEAD_S = 0.006
 EARLY_S = 0.0005
 # A send must be under way this much before its deadline: what is left covers the loop turn
 # before aiohttp writes the request (p99 about 1.5 ms on a busy worker).
@@ -127,7 +131,7 @@ class Senders:
                 await self.added.wait()
                 continue
             now = time.monotonic()
-            ahead = waiting[0][0] - now - EARLY_S
+            ahead = waiting[0][0] - now - LEAD_S
             if ahead > 0:
                 # Sleep until the first is due, or until a take adds an earlier one. (Not
                 # `wait_for`: on Python 3.11 it can swallow the cancellation that stops us.)
@@ -137,7 +141,7 @@ class Senders:
                 finally:
                     timer.cancel()
                 continue
-            while waiting and waiting[0][0] <= now + EARLY_S:
+            while waiting and waiting[0][0] <= now + LEAD_S:
                 self.ready.put_nowait(heapq.heappop(waiting)[2])
 
     async def _sender(self) -> None:
@@ -152,9 +156,11 @@ class Senders:
         if item.limit:
             deadline = item.start + self.tolerance
             start_by = deadline - WRITE_MARGIN_S
+            not_before = item.start - EARLY_S
         else:
             deadline = start_by = float("inf")
-        body = TimedBody(upstream_body(item.payload), start_by, deadline)
+            not_before = 0.0
+        body = TimedBody(upstream_body(item.payload), start_by, deadline, not_before)
         try:
             if self.api.limiter is not None:
                 await self.api.limiter.acquire()

@@ -68,21 +68,32 @@ class _TimedConnector(aiohttp.TCPConnector):
 
 
 class TimedBody(BytesPayload):
-    """A JSON request body that notes when it is written and refuses to go out too late."""
+    """A JSON request body written in its time: not before `not_before`, never after `deadline`.
+
+    aiohttp holds a request's headers back and sends them with the first body bytes, so
+    nothing of the request reaches the upstream before the body is written.
+    """
 
     def __init__(
-        self, value: bytes, start_by: float = float("inf"), deadline: float = float("inf")
+        self,
+        value: bytes,
+        start_by: float = float("inf"),
+        deadline: float = float("inf"),
+        not_before: float = 0.0,
     ) -> None:
         super().__init__(value, content_type="application/json")
         self.start_by = start_by  # when the connection must be in hand
         self.deadline = deadline  # when the request must be written
+        self.not_before = not_before  # when it may be written
         self.written_at: float | None = None
         self.refused = False
 
     async def write_with_length(
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
-        now = time.monotonic()
+        # (uvloop's timers have 1 ms resolution and may fire a little early: check again)
+        while (now := time.monotonic()) < self.not_before:  # noqa: ASYNC110 (a time, not an event)
+            await asyncio.sleep(self.not_before - now)
         if now > self.deadline:
             self.refused = True
             raise _TooLate

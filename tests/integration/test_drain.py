@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway.drain.classify import Outcome
+from gateway.drain.upstream import CloudApi, TimedBody
 from gateway.sandbox import mask_token
 from gateway.settings import Settings
 from gateway.store import Store
@@ -352,3 +356,32 @@ async def test_the_process_wide_upstream_cap_bounds_unlimited_numbers(
     assert len(times) == 60
     # a bucket of 20 that refills at 20/s: the last 40 take at least two seconds
     assert times[-1] - times[0] >= 1.8
+
+
+async def test_a_timed_body_reaches_the_upstream_at_its_time_and_not_before() -> None:
+    """A sender gets its message ahead of the stamp; the request leaves at the stamp."""
+    pn = "555000000042"
+    body = orjson.dumps(
+        {
+            "messaging_product": "whatsapp",
+            "to": "5491140123456",
+            "type": "text",
+            "text": {"body": "on time"},
+        }
+    )
+    async with running_sandbox() as sandbox:
+        api = CloudApi(sandbox.url, DEFAULT_TOKEN, timeout_s=5.0, pool_size=2)
+        await api.start()
+        try:
+            not_before = time.monotonic() + 0.05
+            timed = TimedBody(body, not_before=not_before)
+            answer = await api.send(pn, None, timed)
+            late = TimedBody(body, deadline=time.monotonic() - 0.001)
+            refused = await api.send(pn, None, late)
+        finally:
+            await api.close()
+        arrivals = await sandbox.arrivals(pn)
+    assert answer.outcome is Outcome.OK
+    assert timed.written_at is not None and timed.written_at >= not_before
+    assert len(arrivals) == 1 and arrivals[0] >= not_before
+    assert refused.outcome is Outcome.LATE and late.written_at is None
