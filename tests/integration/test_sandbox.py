@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.sandbox import StaticRates, create_sandbox_app, mask_token
+from gateway.sandbox.app import Record
+from gateway.sandbox.app import Sandbox as SandboxState
 from tests.integration.drain_support import Sandbox, running_sandbox
 
 PN = "555123456789"
@@ -169,3 +172,13 @@ async def test_recordings_are_bounded() -> None:
             await client.post(f"/v21.0/{PN}/messages", json=BODY, headers=AUTH)
         body = await (await client.get(f"/_sandbox/requests?phone_number_id={PN}&limit=100")).json()
         assert len(body["requests"]) == 5
+
+
+def test_records_cost_a_full_collection_nothing() -> None:
+    """Thousands of records must not make the sandbox stall in the garbage collector."""
+    sandbox = SandboxState(StaticRates(), record_limit=5000)
+    for i in range(5000):
+        sandbox.keep(Record(float(i), "555000000001", "ok", "token", b'{"to": "1"}'))
+    gc.collect()
+    assert not any(gc.is_tracked(record) for record in sandbox.records)
+    assert [r.time for r in sandbox.recorded()][:3] == [0.0, 1.0, 2.0]
