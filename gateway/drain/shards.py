@@ -15,8 +15,6 @@ import logging
 import math
 import random
 
-from redis.asyncio.client import Pipeline
-
 from gateway.errors import StoreUnavailable
 from gateway.store import Store
 
@@ -34,15 +32,10 @@ class ShardOwnership:
         self.changed = asyncio.Event()
 
     async def _claim(self, shards: list[int], mode: str) -> list[int]:
+        """The shards of `shards` this worker holds after claiming (or releasing) them."""
         if not shards:
             return []
-        scripts = self.store.scripts
-
-        async def build(pipe: Pipeline) -> None:
-            for shard in shards:
-                await scripts.run_in(pipe, "claim", shard, [self.worker_id, LEASE_MS, mode])
-
-        replies = await self.store.pipelined(build)
+        replies = await self.store.script_on("claim", shards, [self.worker_id, LEASE_MS, mode])
         return [shard for shard, got in zip(shards, replies, strict=True) if int(got) == 1]
 
     async def refresh(self) -> None:
