@@ -13,9 +13,9 @@ every window of 1 s + `GATEWAY_RATE_SLACK` at or under the number's rate. The wo
 each send at its stamp (mapped to its own clock by `gateway.drain.clock`), so the gap between
 stamp and request varies only by the timer and by how busy the process is; a send that would
 leave more than half the slack after its stamp is put back with its grant (it never leaves
-more than 0.5 ms early). The other half absorbs what happens after the write: the network and
+before its stamp). The other half absorbs what happens after the write: the network and
 the upstream's own receive scheduling. With the default 15 ms: the gateway's part is at most
-8 ms, the upstream side's may reach 7 ms, and no second holds more than the rate.
+7.5 ms, the upstream side's may reach 7.5 ms, and no second holds more than the rate.
 
 What a take asks for is sized by `gateway.drain.schedule`: the sends this process has shown it
 can start on time over the next step, from where the previous take's end. That is what keeps
