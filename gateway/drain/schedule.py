@@ -15,21 +15,15 @@ event loop ran or waited for a CPU: `busy_seconds`) and how late its sends start
   Unlimited sends have no time to keep: with only those, the rate grows whenever a take was cut
   short, and free sender slots are what bounds them.
 - Many late starts (over a tenth of them later than a third of the tolerance) while busy mean
-  the process is not keeping up: the rate drops a step (see below). After such a drop, the
-  sends already scheduled at the old rate still start late for a while: the schedule waits
-  until they have gone (`_settled_at`) before it judges again, or one overload would
+  the process is not keeping up: the rate drops well below what it did start. After such a
+  drop, the sends already scheduled at the old rate still start late for a while: the schedule
+  waits until they have gone (`_settled_at`) before it judges again, or one overload would
   shrink it to the floor.
 - Late starts in a mostly idle process are someone else's doing (a slow Redis reply, a stalled
   host): sending less would not help, so the rate holds. Unless they are so late that many are
   put back (over 5%): each put-back is work of its own (a settle, a take again), and left alone
   they feed on themselves, so the rate drops then too. A single late start (a new
   connection, a collection pause) is not a trend and changes nothing.
-- A drop is a step (`SHRINK`) from the rate, not from what was started in the period: a
-  period in which another process held the CPU starts little, and dropping below that walked a
-  worker from 3,500/s to 480/s in four periods, far below the 1,000/s of the number it drained
-  (it lost a fifth of its second). Sustained overload still walks the rate down, step by step.
-- After a drop the rate grows back by half each period until it is where it was before the
-  drop; from there on, by a tenth.
 - When a take was cut short by the rate and the process has room, the rate grows by a tenth.
   (Doubling it, as TCP's slow start does, overshot: by the time the first late starts showed,
   half of a fresh worker's first thousands of grants were already too late.)
@@ -51,7 +45,6 @@ MAX_RATE = 100_000.0
 STEP_S = 0.02
 ADJUST_S = 0.1
 GROW = 1.1
-RECOVER = 1.5  # growth while below the rate of before the last drop
 EASE = 0.95
 SHRINK = 0.85
 LATE_SHARE = 0.1
@@ -78,7 +71,6 @@ class SendSchedule:
         self._cut_short = False
         self._period_start = 0.0
         self._settled_at = 0.0  # before this, starts were scheduled at an older rate
-        self._before_drop = 0.0  # the rate before the last drop, to grow back to quickly
         self._period_busy = busy_seconds()
 
     def spacing_us(self) -> int:
@@ -140,20 +132,13 @@ class SendSchedule:
         if now < self._settled_at:
             pass  # the sends of the previous rate are still starting: too soon to judge
         elif storm or (late and busy >= room):
-            # by a step, from the rate or from what it managed to start, whichever is higher
-            self._before_drop = max(self._before_drop, self.rate)
-            self.rate = max(MIN_RATE, max(self.rate, achieved) * SHRINK)
+            # below what it managed to start: the overload has to drain
+            self.rate = max(MIN_RATE, min(self.rate, achieved) * SHRINK)
             self._settled_at = self.cursor
         elif busy > ceiling:
             self.rate = max(MIN_RATE, min(self.rate, achieved) * EASE)
         elif self._cut_short and not late and busy < room:
-            recovering = self.rate < self._before_drop
-            grown = max(self.rate, achieved) * (RECOVER if recovering else GROW)
-            if recovering:
-                grown = min(grown, self._before_drop)
-            else:
-                self._before_drop = 0.0
-            self.rate = min(self.cap, grown)
+            self.rate = min(self.cap, max(self.rate, achieved) * GROW)
         self._period_start = now
         self._period_busy = busy_total
         self._started = self._late = self._returned = 0

