@@ -4,7 +4,7 @@ Each script is `keys.lua_prelude()` + `lua/lib.lua` + `lua/<name>.lua`. A call i
 the script is loaded again when the server answers NOSCRIPT (after a restart or a SCRIPT
 FLUSH), so it is sent in full only once per server. Calls go straight to `execute_command`:
 redis-py's `Script.__call__` and `evalsha` wrappers cost as much client CPU as the call itself
-on the drain's hot path. Pipelines keep redis-py's Script, which loads what a pipeline needs.
+on the drain's hot path.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -65,7 +64,3 @@ class Scripts:
             return await self._client.execute_command(  # type: ignore[no-untyped-call]
                 "EVALSHA", script.sha, len(prefixes), *prefixes, *args
             )
-
-    async def run_in(self, pipe: Pipeline, name: str, shard: int, args: list[Any]) -> None:
-        """Queue a script call on a pipeline (redis-py loads it first if the server lacks it)."""
-        await self._scripts[name](keys=[keys.prefix(shard)], args=args, client=pipe)
