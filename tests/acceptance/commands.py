@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def gateway_bin() -> str:
@@ -93,3 +96,20 @@ class Command:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"{url} did not answer within {within_s}s:\n{self.output()}")
+
+
+def call(
+    base: str, method: str, path: str, key: str = "", body: Any = None
+) -> tuple[int, dict[str, Any]]:
+    """One JSON request to a running gateway: its status and JSON body (errors included)."""
+    request = urllib.request.Request(
+        f"{base}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)

@@ -37,17 +37,9 @@ PER_NUMBER = 20
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Store]:
-    settings = make_settings(redis_server.url, tmp_path / "data", max_backlog=1_000_000)
-    store = Store.from_settings(settings, redis_server.url)
+async def store(private_redis: RedisServer, tmp_path: Path) -> AsyncIterator[Store]:
+    settings = make_settings(private_redis.url, tmp_path / "data", max_backlog=1_000_000)
+    store = Store.from_settings(settings, private_redis.url)
     yield store
     await store.close()
 
@@ -106,11 +98,11 @@ def _counter(port: int, name: str) -> float:
 
 @pytest.mark.parametrize("tier_of", [all_high, mixed], ids=["all-high", "mixed"])
 async def test_a_backlog_over_a_thousand_rate_limited_numbers_drains_exactly(
-    tmp_path: Path, redis_server: RedisServer, store: Store, upstream: Upstream, tier_of: Any
+    tmp_path: Path, private_redis: RedisServer, store: Store, upstream: Upstream, tier_of: Any
 ) -> None:
     tiers = await _backlog(store, tier_of)
     total = NUMBERS * PER_NUMBER
-    worker = start_workers(tmp_path, redis_server.url, upstream, 1)
+    worker = start_workers(tmp_path, private_redis.url, upstream, 1)
     port = int(worker.env["GATEWAY_PORT"])
     try:
 

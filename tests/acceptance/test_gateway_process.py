@@ -8,35 +8,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.settings import FIELDS, env_name
-from tests.acceptance.commands import Command, clean_env, gateway_bin
+from tests.acceptance.commands import Command, call, clean_env, gateway_bin
 from tests.servers import free_port
 
 PN = "555123456789"
 MESSAGE = {"phone_number_id": PN, "to": "5491140123456", "type": "text", "text": {"body": "hi"}}
-
-
-def call(
-    base: str, method: str, path: str, key: str, body: Any = None
-) -> tuple[int, dict[str, Any]]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{base}{path}",
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
 
 
 class Gateway:

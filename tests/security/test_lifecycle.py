@@ -13,8 +13,6 @@ import signal
 import socket
 import stat
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,27 +20,11 @@ from typing import Any
 import pytest
 
 from gateway.embedded_redis import find_server
-from tests.acceptance.commands import Command, clean_env
+from tests.acceptance.commands import Command, call, clean_env
 from tests.servers import free_port
 
 PN = "555123456789"
 MESSAGE = {"phone_number_id": PN, "to": "5491140123456", "type": "text", "text": {"body": "hi"}}
-
-
-def call(
-    base: str, method: str, path: str, key: str = "", body: Any = None
-) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        f"{base}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
 
 
 def eventually(check: Callable[[], bool], within_s: float, what: str) -> None:
@@ -65,16 +47,13 @@ def ready(base: str) -> bool:
 def child_servers(pid: int) -> list[int]:
     """The pids of the redis/valkey servers whose parent is `pid` (zombies included)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for child in children_of(pid):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            comm = (entry / "comm").read_text().strip()
+            comm = (Path("/proc") / str(child) / "comm").read_text().strip()
         except OSError:
             continue
-        if int(fields[1]) == pid and comm.endswith("-server"):
-            found.append(int(entry.name))
+        if comm.endswith("-server"):
+            found.append(child)
     return found
 
 
