@@ -1,18 +1,24 @@
-"""The Redis server's clock as this process sees it.
+"""The Redis server's clock as this process sees it: a bracket, not a guess.
 
 Grants are stamped on the server's clock (TIME inside `take`); a worker starts each send at its
-stamp on its own monotonic clock. `ServerClock` keeps the offset between the two from every take
-call: the server read its clock somewhere between our request and its reply, so
-`server - sent` is the offset plus the request's one-way latency, never less.
+stamp on its own monotonic clock. Every call that reads the server's time bounds the offset
+between the two clocks (server minus local): the server read its clock somewhere between our
+request and its reply, so the offset lies between `server - received` and `server - sent`.
+`ServerClock` keeps the tightest bracket of all samples: `high`, the smallest `server - sent`
+seen, and `low`, the largest `server - received`. Both may drift apart by `CREEP` (20 µs a
+second, more than two NTP-disciplined clocks drift) when no sample renews them.
 
-The estimate is the smallest such sample, allowed to creep up by at most `CREEP` (20 µs a
-second, more than two NTP-disciplined clocks drift apart) when no sample is that small. Which
-way it moves matters: a smaller offset maps stamps to later local times, so sends move later
-and spread out (safe); a larger one moves them earlier and bunches them against the sends
-before (what could put more than the rate into a second). So it falls at once and rises only by
-the creep, a few microseconds within any one second; on a busy host, where most samples carry
-milliseconds of queueing, it stays with the fastest sample seen. A real step of the server's
-clock (all samples far above the estimate for a second) resets it, with a warning.
+So a server time maps to a local interval, `[local_earliest, local_latest]`, that surely holds
+it. A send is written no earlier than `local_latest` of its stamp (never before the stamp,
+whatever the reply latencies were) and put back if it could not start by `local_earliest` plus
+the tolerance (never later than the tolerance after it). At start, on a busy host, the first
+samples may carry milliseconds of queueing: the bracket is wide, sends have less room, and a
+few more are put back until it narrows. (Mapping with `high` alone, as this module once did,
+sent up to the bracket's width early: a worker started on a loaded host put one send too many
+into a sliding second now and then.)
+
+A sample outside the bracket means a clock stepped (or drifted faster than the creep): the
+bracket restarts from that sample, with a warning.
 
 It also tracks how late replies are handled (`lead`): a take asks for stamps at least that far
 ahead, so its messages are in hand before they are due even when the host is busy.
@@ -28,36 +34,49 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger("gateway.drain")
 
 CREEP = 20e-6  # seconds per second
-STEP_S = 0.05  # samples this far above the estimate for a whole period: the clock stepped
-STEP_PERIOD_S = 1.0
 LAG_BUCKET_S = 0.5
 LAG_BUCKETS = 4
 # Stamps are asked this much later than the slowest recent reply, and never more than this ahead.
 LEAD_MARGIN_S = 0.0005
 MAX_LEAD_S = 0.05
+CALIBRATION_ROUNDS = 20
 
 
 class ServerClock:
     def __init__(self) -> None:
-        self.offset: float | None = None  # server seconds minus local monotonic seconds
+        # server seconds minus local monotonic seconds lies in [low, high]
+        self.high: float | None = None
+        self.low: float | None = None
         self.lead = LEAD_MARGIN_S
         self._last = 0.0
-        self._period_start = 0.0
-        self._period_min = float("inf")
         self._lags: deque[tuple[int, float]] = deque(maxlen=LAG_BUCKETS)
+
+    @property
+    def width(self) -> float:
+        """How uncertain the offset is, in seconds (inf before the first sample)."""
+        if self.high is None or self.low is None:
+            return float("inf")
+        return self.high - self.low
 
     def observe(self, sent: float, server_ms: float, received: float) -> None:
         """One call's timing: local send and receive times, and the server's time in between."""
         server_s = server_ms / 1000.0
-        sample = server_s - sent
-        if self.offset is None:
-            self.offset = sample
-            self._period_start = sent
+        up, down = server_s - sent, server_s - received
+        if self.high is None or self.low is None:
+            self.high, self.low = up, down
         else:
-            self.offset = min(sample, self.offset + CREEP * max(sent - self._last, 0.0))
+            creep = CREEP * max(sent - self._last, 0.0)
+            high = min(up, self.high + creep)
+            low = max(down, self.low - creep)
+            if low > high:
+                log.warning(
+                    "the Redis server's clock moved %.1f ms against this host's: following it",
+                    max(down - self.high, self.low - up) * 1000,
+                )
+                high, low = up, down
+            self.high, self.low = high, low
         self._last = sent
-        self._watch_for_steps(sent, sample)
-        lag = received - (server_s - self.offset)
+        lag = received - (server_s - self.high)
         bucket = int(received / LAG_BUCKET_S)
         if self._lags and self._lags[-1][0] == bucket:
             self._lags[-1] = (bucket, max(self._lags[-1][1], lag))
@@ -65,35 +84,27 @@ class ServerClock:
             self._lags.append((bucket, lag))
         self.lead = min(MAX_LEAD_S, max(value for _, value in self._lags) + LEAD_MARGIN_S)
 
-    def _watch_for_steps(self, sent: float, sample: float) -> None:
-        assert self.offset is not None
-        self._period_min = min(self._period_min, sample)
-        if sent - self._period_start < STEP_PERIOD_S:
-            return
-        if self._period_min > self.offset + STEP_S:
-            log.warning(
-                "the Redis server's clock moved %.0f ms against this host's: following it",
-                (self._period_min - self.offset) * 1000,
-            )
-            self.offset = self._period_min
-        self._period_start = sent
-        self._period_min = float("inf")
-
     async def calibrate(
-        self, read_server_ms: Callable[[], Awaitable[float]], rounds: int = 5
+        self, read_server_ms: Callable[[], Awaitable[float]], rounds: int = CALIBRATION_ROUNDS
     ) -> None:
-        """Take a few samples before the first take needs them."""
+        """Take samples before the first take needs them: each may narrow the bracket."""
         for _ in range(rounds):
             sent = time.monotonic()
             server_ms = await read_server_ms()
             self.observe(sent, server_ms, time.monotonic())
 
-    def to_local(self, server_us: int) -> float:
-        assert self.offset is not None, "no take has been timed yet"
-        return server_us / 1e6 - self.offset
+    def local_earliest(self, server_us: int) -> float:
+        """The earliest local monotonic time that server time can be."""
+        assert self.high is not None, "no call has been timed yet"
+        return server_us / 1e6 - self.high
+
+    def local_latest(self, server_us: int) -> float:
+        """The latest local monotonic time that server time can be."""
+        assert self.low is not None, "no call has been timed yet"
+        return server_us / 1e6 - self.low
 
     def to_server_us(self, local: float) -> int:
-        """A local monotonic time on the server's clock (0 before the first sample: "now")."""
-        if self.offset is None:
+        """A server time no earlier than this local time (0 before the first sample: "now")."""
+        if self.high is None:
             return 0
-        return int((local + self.offset) * 1e6)
+        return int((local + self.high) * 1e6)

@@ -31,10 +31,10 @@ log = logging.getLogger("gateway.drain")
 
 # The dispatcher may hand a rate-limited message to a sender this long before its stamp, so
 # the sender has its connection and request ready when the stamp comes; the body itself is
-# written at the stamp (`TimedBody.not_before`), never before it. 6 ms halved the put-backs in
-# `bench drain`, but the three-worker exactness test then saw one send too many in a sliding
-# second in 2 of 5 runs, not yet explained (it was seen once with no lead as well): off until
-# it is.
+# written at the stamp (`TimedBody.not_before`), never before it. 6 ms once halved the
+# put-backs in `bench drain`; on 2026-11-29, after the clock fix that explained the one-too-many
+# sends it seemed to cause (`gateway.drain.clock`), it made no difference beyond the machine's
+# noise (0.2-2.5% put-backs either way), so it stays off: a lead holds a sender idle.
 LEAD_S = 0.0
 # A send must be under way this much before its deadline: what is left covers the loop turn
 # before aiohttp writes the request (p99 about 1.5 ms on a busy worker).
@@ -91,7 +91,7 @@ class Senders:
         self.held += len(items)
         for item in items:
             if item.limit:
-                heapq.heappush(self.waiting, (item.start, next(self._order), item))
+                heapq.heappush(self.waiting, (item.not_before, next(self._order), item))
             else:
                 # no time to keep: started at once, in bulk, which is cheapest per send
                 self.ready.put_nowait(item)
@@ -157,7 +157,7 @@ class Senders:
         if item.limit:
             deadline = item.start + self.tolerance
             start_by = deadline - WRITE_MARGIN_S
-            not_before = item.start
+            not_before = item.not_before
         else:
             deadline = start_by = float("inf")
             not_before = 0.0
@@ -166,7 +166,7 @@ class Senders:
             if self.api.limiter is not None:
                 await self.api.limiter.acquire()
             now = time.monotonic()
-            lateness = now - item.start
+            lateness = now - item.not_before
             if now > start_by:
                 self._returned(item, lateness, "queued")
                 return
@@ -181,10 +181,10 @@ class Senders:
                 self.settler.release(item)
             raise
         if answer.outcome is Outcome.LATE:
-            self._returned(item, time.monotonic() - item.start, answer.message)
+            self._returned(item, time.monotonic() - item.not_before, answer.message)
             return
         if answer.started_at is not None:
-            lateness = answer.started_at - item.start
+            lateness = answer.started_at - item.not_before
             self.schedule.started(lateness, bool(item.limit))
             metrics.local_start_lateness.observe(max(lateness, 0.0))
         self._returns.sent()

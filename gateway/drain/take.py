@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from gateway.drain.clock import ServerClock
 
 # Grants per take for a rate-limited number: about `rate * PACE_MS / 1000`, at least MIN_CHUNK
 # (small tiers would otherwise pay a take per message), up to twice that to catch up.
@@ -37,7 +38,10 @@ class Taken:
     created_ms: int
     expires_ms: int | None
     stamp: str  # its send time on the server's clock (ms), as in the number's window
-    start: float  # the same on this process's monotonic clock
+    # The same on this process's monotonic clock, as a bracket (`ServerClock`): the earliest it
+    # can be (the deadline counts from it) and the latest (it is never written before).
+    start: float
+    not_before: float
 
 
 @dataclass(slots=True)
@@ -81,11 +85,8 @@ def take_args(
     ]
 
 
-def parse_take(
-    shards: list[int], reply: list[Any], to_local: Callable[[int], float] | None = None
-) -> TakeReply:
-    """Read the reply of a take from `shards`. `to_local(server_us)` maps a server time to this
-    process's clock."""
+def parse_take(shards: list[int], reply: list[Any], clock: ServerClock | None = None) -> TakeReply:
+    """Read the reply of a take from `shards`; `clock` maps stamps to this process's clock."""
     now_ms = float(reply[0])
     expired, n_groups = int(reply[1]), int(reply[3])
     rate_limited = [tier for tier in reply[2].decode().split(",") if tier]
@@ -104,6 +105,7 @@ def parse_take(
             message_id = reply[pos].decode()
             expires = reply[pos + 5]
             stamp = reply[pos + 6].decode()
+            stamp_us = int(float(stamp) * 1000)
             items.append(
                 Taken(
                     shard=int(message_id.split("-", 1)[0]),
@@ -118,7 +120,8 @@ def parse_take(
                     created_ms=int(reply[pos + 4]),
                     expires_ms=int(expires) if expires else None,
                     stamp=stamp,
-                    start=to_local(int(float(stamp) * 1000)) if to_local is not None else 0.0,
+                    start=clock.local_earliest(stamp_us) if clock is not None else 0.0,
+                    not_before=clock.local_latest(stamp_us) if clock is not None else 0.0,
                 )
             )
             pos += 7

@@ -249,7 +249,7 @@ class Drain:
         received = time.monotonic()
         self.outage.answered()
         self.clock.observe(sent, float(reply[0]), received)
-        taken = parse_take(shards, reply, self.clock.to_local)
+        taken = parse_take(shards, reply, self.clock)
         if taken.expired:
             metrics.local_failed.inc("expired", amount=taken.expired)
         if taken.deleted:
@@ -257,11 +257,11 @@ class Drain:
         for tier in taken.rate_limited_tiers:
             metrics.RATE_LIMITED.labels(tier).inc()
         if taken.slots:
-            slots_end = self.clock.to_local(taken.base_us + taken.slots * spacing)
+            slots_end = self.clock.local_latest(taken.base_us + taken.slots * spacing)
             self.schedule.scheduled(slots_end, taken.slots, budget, free)
         if taken.items:
             self.senders.add(taken.items)
         return {
-            shard: float("inf") if due_ms < 0 else self.clock.to_local(int(due_ms * 1000))
+            shard: float("inf") if due_ms < 0 else self.clock.local_earliest(int(due_ms * 1000))
             for shard, due_ms in taken.next_due_ms.items()
         }
