@@ -20,6 +20,15 @@ Per shard (`{gw:sN}:` + ...):
     wake            LIST  at most one token: "something in this shard became ready".
     owner           STRING  id of the worker process draining this shard (short lease).
     members         ZSET  (shard 0 only) worker id -> heartbeat deadline (ms), server clock.
+    w:<wamid>       STRING  the id of the message Meta knows as <wamid> (shard of its number);
+                            kept as long as the message's status.
+    wh:<wamid>      LIST  Meta statuses for a wamid no message has yet (`GATEWAY_RECEIPT_HOLD`).
+    in:<pn>:<user>  STRING  when <user> last wrote to <pn> (ms): the 24 h service window.
+    outbox          ZSET  event id -> due time (ms) of status callbacks: each message's first
+                          pending event only (see `events`).
+    ev:<eid>        HASH  one status callback event (fields in lib.lua, `emit_event`).
+    evq:<id>        LIST  a message's later event ids, waiting for the one on the outbox.
+    cbwake          LIST  at most one token: "an event became due in this shard's outbox".
 Global (own slots; never used inside a script):
     gw:numbers           ZSET   every registered phone_number_id (score 0, ordered by name).
     gw:idem:<scope>:<key> STRING pn and body hash of an idempotency key, to detect reuse.
@@ -54,6 +63,13 @@ _SHARD_TEMPLATES: dict[str, str] = {
     "wake": "wake",
     "owner": "owner",
     "members": "members",
+    "wamid": "w:{wamid}",
+    "held": "wh:{wamid}",
+    "inbound": "in:{pn}:{user}",
+    "outbox": "outbox",
+    "cbevent": "ev:{eid}",
+    "cbqueue": "evq:{id}",
+    "cbwake": "cbwake",
 }
 
 NUMBERS = f"{NAMESPACE}:numbers"
@@ -112,6 +128,34 @@ def members() -> str:
     return f"{prefix(0)}members"
 
 
+def wamid(shard: int, upstream_id: str) -> str:
+    return f"{prefix(shard)}w:{upstream_id}"
+
+
+def held(shard: int, upstream_id: str) -> str:
+    return f"{prefix(shard)}wh:{upstream_id}"
+
+
+def inbound(shard: int, pn: str, user: str) -> str:
+    return f"{prefix(shard)}in:{pn}:{user}"
+
+
+def outbox(shard: int) -> str:
+    return f"{prefix(shard)}outbox"
+
+
+def cbevent(shard: int, event_id: str) -> str:
+    return f"{prefix(shard)}ev:{event_id}"
+
+
+def cbqueue(shard: int, message_id: str) -> str:
+    return f"{prefix(shard)}evq:{message_id}"
+
+
+def cbwake(shard: int) -> str:
+    return f"{prefix(shard)}cbwake"
+
+
 def idempotency_marker(scope: str, key: str) -> str:
     return f"{NAMESPACE}:idem:{scope}:{key}"
 
@@ -148,7 +192,16 @@ def lua_prelude() -> str:
 
 def _check_templates() -> None:
     # The Python builders above must agree with the templates the Lua prelude uses.
-    sample = {"pn": "1", "lane": "h", "id": "x", "scope": "s", "key": "k"}
+    sample = {
+        "pn": "1",
+        "lane": "h",
+        "id": "x",
+        "scope": "s",
+        "key": "k",
+        "wamid": "w",
+        "user": "u",
+        "eid": "e",
+    }
     builders = {
         "lane": lane(0, "1", "h"),
         "msg": msg(0, "x"),
@@ -161,6 +214,13 @@ def _check_templates() -> None:
         "wake": wake(0),
         "owner": owner(0),
         "members": members(),
+        "wamid": wamid(0, "w"),
+        "held": held(0, "w"),
+        "inbound": inbound(0, "1", "u"),
+        "outbox": outbox(0),
+        "cbevent": cbevent(0, "e"),
+        "cbqueue": cbqueue(0, "x"),
+        "cbwake": cbwake(0),
     }
     for name, built in builders.items():
         expected = prefix(0) + _SHARD_TEMPLATES[name].format(**sample)

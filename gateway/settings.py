@@ -171,6 +171,53 @@ class Settings:
     metrics_per_number: bool = _setting(
         False, "Export per-number series (phone_number_id label); small fleets only.", parse_bool
     )
+    # Delivery receipts: Meta's webhooks in (`/v1/webhooks/meta`).
+    meta_verify_token: str | None = _setting(
+        None,
+        "Token Meta's webhook subscription check must present (GET /v1/webhooks/meta).",
+        parse_optional_str,
+        secret=True,
+    )
+    meta_app_secret: str | None = _setting(
+        None,
+        "Meta app secret that signs its webhooks (X-Hub-Signature-256); generated when unset.",
+        parse_optional_str,
+        secret=True,
+    )
+    receipt_hold: float = _setting(
+        600.0,
+        "How long a status for a wamid no message has yet is kept, waiting for it (e.g. 10m).",
+        parse_duration,
+    )
+    enforce_service_window: bool = _setting(
+        False,
+        "Refuse non-template sends to users with no inbound message in 24 h (422).",
+        parse_bool,
+    )
+    # Status callbacks out.
+    callback_allow: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated URL prefixes a message's callback_url may start with.",
+        parse_keys,
+    )
+    callback_url: str | None = _setting(
+        None, "Callback URL for messages that name none (unset: no callbacks).", parse_optional_str
+    )
+    callback_secret: str | None = _setting(
+        None,
+        "Standard Webhooks signing secret (whsec_...) of status callbacks; generated when unset.",
+        parse_optional_str,
+        secret=True,
+    )
+    callback_max_age: float = _setting(
+        86400.0, "How long a callback is retried before it is dropped (e.g. 24h).", parse_duration
+    )
+    callback_timeout: float = _setting(
+        10.0, "Timeout of one callback request, in seconds.", parse_duration
+    )
+    callback_concurrency: int = _setting(
+        16, "Callback requests in flight per receiver (scheme, host, port) per process.", int
+    )
 
     def __repr__(self) -> str:
         parts = []

@@ -2,7 +2,10 @@
 -- Message hash fields: pn number, s status, c category, l lane (h|n|l), p upstream payload,
 -- ca created ms, ua updated ms, r client_reference, x expiry ms, a attempts, f fence
 -- (bumped at every hand-over, so a late worker cannot settle a newer attempt), sa sent ms,
--- w upstream message id, e error JSON.
+-- w upstream message id, e error JSON; delivery receipts: da delivered ms, ra read ms, pa played
+-- ms, fa failed ms; status callbacks: cb callback URL (set at accept: the message's own or
+-- GATEWAY_CALLBACK_URL; none: no callbacks), ev events emitted so far, eh the event now on the
+-- outbox (absent: none pending).
 
 -- The error of a message whose number was deleted before it could be sent.
 local DELETED_ERROR = '{"code":"phone_number_deleted","message":"The phone number was ' ..
@@ -19,6 +22,40 @@ local function list_of(lane, category)
   return lane
 end
 
+-- Status callbacks (`gateway.callbacks`). Every status change after accept of a message with a
+-- callback URL writes one event, in the same script as the change, so no change is ever without
+-- its callback and none has two. A message's events go out in order: only its first pending
+-- event is on the shard's outbox (event id -> due ms, as `eh` on the message); later ones wait on
+-- `evq:<id>` until it is done (`callback_done.lua`).
+-- Event hash fields: m message id, s status, t time of the change (ms), u url, pn, to,
+-- r client_reference, w upstream message id, e error JSON (failed only), n attempts so far.
+-- The event id is "<message id>.<n-th event>": the `webhook-id` of every attempt of it.
+local function emit_event(id, status, now, retention)
+  local k = key_msg(id)
+  local m = redis.call('HMGET', k, 'cb', 'pn', 'p', 'r', 'w', 'e', 'eh')
+  if not m[1] then return end
+  local eid = id .. '.' .. redis.call('HINCRBY', k, 'ev', 1)
+  local to = ''
+  local ok, payload = pcall(cjson.decode, m[3] or '')
+  if ok and type(payload) == 'table' and type(payload.to) == 'string' then to = payload.to end
+  local fields = {'m', id, 's', status, 't', now, 'u', m[1], 'pn', m[2] or '', 'to', to, 'n', 0}
+  if m[4] then fields[#fields + 1] = 'r'; fields[#fields + 1] = m[4] end
+  if m[5] then fields[#fields + 1] = 'w'; fields[#fields + 1] = m[5] end
+  if status == 'failed' and m[6] then fields[#fields + 1] = 'e'; fields[#fields + 1] = m[6] end
+  local ek = key_cbevent(eid)
+  redis.call('HSET', ek, unpack(fields))
+  redis.call('EXPIRE', ek, retention)
+  if m[7] then
+    redis.call('RPUSH', key_cbqueue(id), eid)
+    redis.call('EXPIRE', key_cbqueue(id), retention)
+  else
+    redis.call('HSET', k, 'eh', eid)
+    redis.call('ZADD', key_outbox(), now, eid)
+    redis.call('LPUSH', key_cbwake(), '1')
+    redis.call('LTRIM', key_cbwake(), 0, 0)
+  end
+end
+
 -- Ends a message that is still `queued` (in a lane list or in its retry set) with a terminal
 -- status. A message in a lane list stays there as a dead entry, counted in cfg `d_<list>` so
 -- queue depths stay right, and is dropped when the drain pops it.
@@ -33,6 +70,7 @@ local function end_queued(id, pn, list, status, now, retention, error_json)
     redis.call('HSET', k, 's', status, 'ua', now)
   end
   redis.call('EXPIRE', k, retention)
+  emit_event(id, status, now, retention)
 end
 
 local ALL_LISTS = {'h', 'hm', 'n', 'nm', 'l', 'lm'}
@@ -64,3 +102,4 @@ local function mark_ready(pn, at)
   if nx > at then at = nx end
   schedule(pn, at)
 end
+

@@ -14,6 +14,7 @@ local function fail(id)
   if redis.call('HGET', k, 's') == 'queued' then
     redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', ARGV[4])
     redis.call('EXPIRE', k, retention)
+    emit_event(id, 'failed', now, retention)
     failed = failed + 1
   end
 end

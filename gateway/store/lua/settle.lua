@@ -73,6 +73,7 @@ local function settle_one(kind, id, fence, a, b)
     if kind ~= 'S' and kind ~= 'F' and redis.call('HGET', cfg, 'status') == 'deleted' then
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', DELETED_ERROR)
       redis.call('EXPIRE', k, retention)
+      emit_event(id, 'failed', now, retention)
       code = 3
     elseif kind == 'S' then
       redis.call('HSET', k, 's', 'sent', 'sa', now, 'ua', now, 'w', a)
@@ -80,14 +81,17 @@ local function settle_one(kind, id, fence, a, b)
       redis.call('EXPIRE', k, retention)
       redis.call('HDEL', cfg, 'tb')
       count_sent(pn)
+      emit_event(id, 'sent', now, retention)
     elseif kind == 'F' then
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', a)
       redis.call('EXPIRE', k, retention)
+      emit_event(id, 'failed', now, retention)
     elseif kind == 'R' then
       local due = now + tonumber(a)
       if m[6] and tonumber(m[6]) <= due then
         redis.call('HSET', k, 's', 'expired', 'ua', now, 'e', b)
         redis.call('EXPIRE', k, retention)
+        emit_event(id, 'expired', now, retention)
         code = 2
       else
         redis.call('HSET', k, 's', 'queued', 'ua', now, 'e', b)

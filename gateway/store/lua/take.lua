@@ -74,6 +74,7 @@ local function take_back_lapsed(lease)
         redis.call('HSET', k, 's', 'failed', 'f', tonumber(m[5]) + 1, 'ua', now_i,
                    'e', DELETED_ERROR)
         redis.call('EXPIRE', k, retention)
+        emit_event(id, 'failed', now_i, retention)
         deleted = deleted + 1
       else
         redis.call('HSET', k, 's', 'queued', 'f', tonumber(m[5]) + 1, 'ua', now_i)
@@ -190,6 +191,7 @@ local function take_due(ready, lease)
           if m[2] and tonumber(m[2]) <= now then
             redis.call('HSET', k, 's', 'expired', 'ua', now_i)
             redis.call('EXPIRE', k, retention)
+            emit_event(id, 'expired', now_i, retention)
             expired = expired + 1
           else
             local fence = tonumber(m[3] or '0') + 1
