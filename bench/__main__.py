@@ -21,7 +21,7 @@ from typing import Any
 
 from bench import stack
 
-BENCHMARKS = ("accept", "memory", "drain", "accuracy", "latency", "scale")
+BENCHMARKS = ("accept", "memory", "drain", "accuracy", "latency", "scale", "receipts")
 
 
 def save(name: str, result: dict[str, Any], *, record: bool = False) -> list[Path]:

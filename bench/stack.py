@@ -216,9 +216,20 @@ async def register(store: Store, numbers: dict[str, dict[str, Any]]) -> None:
 
 async def queue(store: Store, per_number: dict[str, int], body: str = "bench") -> int:
     """Queue messages through the gateway's own accept code; bodies are `<pn>-<n>`."""
+    return len(await queue_ids(store, per_number, body))
+
+
+async def queue_ids(store: Store, per_number: dict[str, int], body: str = "bench") -> list[str]:
+    """As `queue`; the ids of the messages accepted."""
     acceptor = Acceptor(store, store.settings)
     batch: list[dict[str, Any]] = []
-    total = 0
+    accepted: list[str] = []
+
+    async def flush() -> None:
+        results = (await acceptor.send_batch({"messages": batch}))["results"]
+        accepted.extend(r["id"] for r in results if "id" in r)
+        batch.clear()
+
     for pn, count in per_number.items():
         for i in range(count):
             batch.append(
@@ -230,11 +241,10 @@ async def queue(store: Store, per_number: dict[str, int], body: str = "bench") -
                 }
             )
             if len(batch) == 1000:
-                total += (await acceptor.send_batch({"messages": batch}))["accepted"]
-                batch = []
+                await flush()
     if batch:
-        total += (await acceptor.send_batch({"messages": batch}))["accepted"]
-    return total
+        await flush()
+    return accepted
 
 
 async def sandbox_get(root: str, path: str) -> Any:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway import __version__, logs
+from gateway.callbacks.urls import CallbackPolicy
 from gateway.errors import GatewayError
 from gateway.settings import FIELDS, Settings, env_name, flag_name, load, parse_bool
 
@@ -41,6 +42,8 @@ def _default_text(field: dataclasses.Field[Any]) -> str:
         value = field.default
     if value is None or value == ():
         return "unset"
+    if isinstance(value, tuple):  # shown as it is written: `0.2,1.0`
+        return ",".join(str(v) for v in value)
     return str(value)
 
 
@@ -81,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.pop("command", None) or "run"
     try:
         settings = load(overrides={k: v for k, v in args.items() if v is not None})
+        CallbackPolicy.from_settings(settings)  # a bad allow list stops the start here
     except GatewayError as exc:
         parser.error(str(exc))
     logs.configure(settings.log_format, settings.log_level)
@@ -116,6 +120,7 @@ def _sandbox(settings: Settings) -> int:
     from gateway.drain.rates import RegistryRates
     from gateway.process import freeze_startup_objects
     from gateway.sandbox import StaticRates, start_sandbox
+    from gateway.sandbox.statuses import status_config
     from gateway.store import Store
 
     async def serve() -> None:
@@ -124,7 +129,8 @@ def _sandbox(settings: Settings) -> int:
         if settings.redis_url is not None:
             store = Store.from_settings(settings, settings.redis_url)
             rates = RegistryRates(store)
-        runner, url = await start_sandbox(settings.host, settings.port, rates)
+        statuses = status_config(settings)  # only with GATEWAY_SANDBOX_WEBHOOK_URL
+        runner, url = await start_sandbox(settings.host, settings.port, rates, statuses)
         freeze_startup_objects()
         log.info("sandbox Cloud API at %s (use it as GATEWAY_UPSTREAM_URL)", url)
         stop = asyncio.Event()

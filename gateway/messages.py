@@ -12,13 +12,22 @@ from gateway.errors import ApiError, not_found
 from gateway.store import Store
 
 _PRIORITIES = {"h": "high", "n": "normal", "l": "low"}
+_SHOWS_ERROR = frozenset({"failed", "delivered", "read", "played"})
+_RECEIPT_TIMES = (
+    ("delivered_at", "da"),
+    ("read_at", "ra"),
+    ("played_at", "pa"),
+    ("failed_at", "fa"),
+)
 
 
 def status_view(message_id: str, fields: dict[str, str]) -> dict[str, Any]:
     """A stored message as `GET /v1/messages/{id}` shows it."""
     payload = orjson.loads(fields["p"]) if "p" in fields else {}
-    error = orjson.loads(fields["e"]) if fields.get("e") and fields["s"] == "failed" else None
-    return {
+    # `e` is cleared when a message is sent, so past `sent` it holds only a failure Meta
+    # reported: the status's own, or one that came after `delivered` and kept the status.
+    error = orjson.loads(fields["e"]) if fields.get("e") and fields["s"] in _SHOWS_ERROR else None
+    view = {
         "id": message_id,
         "phone_number_id": fields.get("pn"),
         "to": payload.get("to"),
@@ -33,6 +42,12 @@ def status_view(message_id: str, fields: dict[str, str]) -> dict[str, Any]:
         "upstream_message_id": fields.get("w"),
         "error": error,
     }
+    # Meta's receipt times appear once Meta reports them ("when they apply", API.md), so a
+    # message without receipts reads exactly as before.
+    for name, field in _RECEIPT_TIMES:
+        if field in fields:
+            view[name] = rfc3339(fields[field])
+    return view
 
 
 class Messages:

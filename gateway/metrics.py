@@ -127,6 +127,58 @@ HTTP_DURATION = Histogram(
 )
 REDIS_ERRORS = Counter("gateway_redis_errors", "Operations that found Redis unreachable.")
 
+# Delivery receipts: Meta's webhooks in (`gateway.receipts`).
+RECEIPTS_APPLIED = Counter(
+    "gateway_receipts_applied",
+    "Meta statuses that changed a message's status, by the status it moved to.",
+    ["status"],
+)
+RECEIPTS_HELD = Counter(
+    "gateway_receipts_held",
+    "Meta statuses for a wamid no message had yet, held for GATEWAY_RECEIPT_HOLD (applied "
+    "when a send gets that wamid, else dropped when the hold runs out).",
+)
+WEBHOOK_BAD_SIGNATURE = Counter(
+    "gateway_webhook_bad_signature",
+    "Meta webhooks refused for a missing or wrong X-Hub-Signature-256.",
+)
+WEBHOOK_IGNORED = Counter(
+    "gateway_webhook_ignored",
+    "Parts of Meta webhooks ignored: changes of other fields, statuses of unknown values.",
+    ["field"],
+)
+INBOUND_MESSAGES = Counter(
+    "gateway_inbound_messages", "Users' inbound messages recorded for the service window."
+)
+DELIVERY_SECONDS = Histogram(
+    "gateway_delivery_seconds",
+    "From sent (the upstream's answer) to delivered (Meta's time, whole seconds).",
+    buckets=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0),
+)
+CALLBACKS_DELIVERED = Counter(
+    "gateway_callbacks_delivered", "Status callbacks a receiver answered with a 2xx."
+)
+CALLBACKS_RETRIED = Counter(
+    "gateway_callbacks_retried",
+    "Status callback attempts that failed (non-2xx, timeout, no connection) and will be retried.",
+)
+CALLBACKS_DROPPED = Counter(
+    "gateway_callbacks_dropped",
+    "Status callbacks given up, by reason: gone (the receiver answered 410), max_age (still "
+    "failing GATEWAY_CALLBACK_MAX_AGE after the status change).",
+    ["reason"],
+)
+CALLBACK_LAG = Histogram(
+    "gateway_callback_lag_seconds",
+    "From a status change to its callback's 2xx.",
+    buckets=_DELAY_BUCKETS,
+)
+CALLBACKS_INFLIGHT = Gauge(
+    "gateway_callbacks_inflight",
+    "Status callback requests in flight (summed over this host's processes).",
+    multiprocess_mode="livesum",
+)
+
 QUEUE_DEPTH = Gauge(
     "gateway_queue_depth",
     "Queued messages, by tier and lane.",
@@ -245,6 +297,12 @@ local_sent = LocalCounter(MESSAGES_SENT)
 local_failed = LocalCounter(MESSAGES_FAILED)
 local_grants_returned = LocalCounter(GRANTS_RETURNED)
 local_start_lateness = LocalHistogram(START_LATENESS)
+local_receipts_applied = LocalCounter(RECEIPTS_APPLIED)
+local_delivery_seconds = LocalHistogram(DELIVERY_SECONDS)
+local_callbacks_delivered = LocalCounter(CALLBACKS_DELIVERED)
+local_callbacks_retried = LocalCounter(CALLBACKS_RETRIED)
+local_callbacks_dropped = LocalCounter(CALLBACKS_DROPPED)
+local_callback_lag = LocalHistogram(CALLBACK_LAG)
 
 
 class HostProcesses(Collector):

@@ -29,6 +29,7 @@ from gateway.drain.upstream import CloudApi
 from gateway.drain.worker import Drain
 from gateway.gauges import GaugePublisher
 from gateway.sandbox import start_sandbox
+from gateway.sandbox.statuses import status_config
 from gateway.settings import Settings
 from gateway.store import Store
 
@@ -71,6 +72,15 @@ async def _start_http(
     )
     await site.start()
     return runner
+
+
+def _own_webhook_url(settings: Settings, role: Role) -> str | None:
+    """This gateway's `/v1/webhooks/meta`, when this process's role serves the API."""
+    if role is not Role.ALL:
+        return None  # a `worker` serves no API; `sandbox_webhook_url` names the gateway's
+    host = settings.host if settings.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.port}/v1/webhooks/meta"
 
 
 def freeze_startup_objects() -> None:
@@ -126,7 +136,11 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
             upstream_url = settings.upstream_url
             token = settings.upstream_token
             if upstream_url is None:
-                sandbox, upstream_url = await start_sandbox("127.0.0.1", 0, RegistryRates(store))
+                # Its status webhooks come back to this gateway's own intake (`run` serves it).
+                statuses = status_config(settings, _own_webhook_url(settings, role))
+                sandbox, upstream_url = await start_sandbox(
+                    "127.0.0.1", 0, RegistryRates(store), statuses
+                )
                 token = token or SANDBOX_TOKEN
             api = CloudApi(
                 upstream_url,

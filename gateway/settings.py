@@ -50,6 +50,14 @@ def parse_optional_float(text: str) -> float | None:
     return float(text) if text.strip() else None
 
 
+def parse_status_delays(text: str) -> tuple[float, float]:
+    """Two durations, `delivered,read` after `sent`: `200ms,1s`."""
+    parts = [parse_duration(p) for p in text.split(",")]
+    if len(parts) != 2 or parts[1] < parts[0]:
+        raise ValueError("two durations, delivered then read (not before it), e.g. 200ms,1s")
+    return parts[0], parts[1]
+
+
 def parse_log_format(text: str) -> str:
     if text not in {"text", "json"}:
         raise ValueError("must be text or json")
@@ -218,6 +226,31 @@ class Settings:
     callback_concurrency: int = _setting(
         16, "Callback requests in flight per receiver (scheme, host, port) per process.", int
     )
+    callback_retry_base: float = _setting(
+        5.0,
+        "Delay before a failed callback's first retry; each later one doubles (cap 1h).",
+        parse_duration,
+    )
+    # The sandbox's Meta-shaped status webhooks (`gateway sandbox`; `gateway run` points its
+    # in-process sandbox at its own /v1/webhooks/meta when no URL is set).
+    sandbox_webhook_url: str | None = _setting(
+        None,
+        "Where the sandbox posts Meta's status webhooks (unset: `gateway run` uses its own "
+        "/v1/webhooks/meta, `gateway sandbox` posts none).",
+        parse_optional_str,
+    )
+    sandbox_status_delays: tuple[float, float] = _setting(
+        (1.0, 3.0),
+        "When the sandbox reports delivered and read, after sent (e.g. 200ms,1s); the "
+        "default lets a person watching see each status.",
+        parse_status_delays,
+    )
+    sandbox_fail_share: float = _setting(
+        0.0, "Share of sandbox messages that end failed (131026 or 131047), 0-1.", float
+    )
+    sandbox_repeat_share: float = _setting(
+        0.0, "Share of sandbox messages whose statuses come repeated and out of order, 0-1.", float
+    )
 
     def __repr__(self) -> str:
         parts = []
@@ -250,6 +283,14 @@ class Settings:
             problems.append("rate_slack must be between 1ms and 500ms")
         if self.worker_concurrency < 1:
             problems.append("worker_concurrency must be at least 1")
+        if not 0.0 <= self.sandbox_fail_share <= 1.0:
+            problems.append("sandbox_fail_share must be between 0 and 1")
+        if not 0.0 <= self.sandbox_repeat_share <= 1.0:
+            problems.append("sandbox_repeat_share must be between 0 and 1")
+        if self.callback_concurrency < 1:
+            problems.append("callback_concurrency must be at least 1")
+        if self.callback_timeout <= 0 or self.callback_retry_base <= 0:
+            problems.append("callback_timeout and callback_retry_base must be positive")
         if problems:
             raise ConfigError("; ".join(problems))
         return self

@@ -180,8 +180,8 @@ class Supervisor:
                 embedded = EmbeddedRedis(settings.data_dir, settings.redis_server)
                 self.keeper = RedisKeeper(embedded, claims.owner())
                 settings = dataclasses.replace(settings, redis_url=self.keeper.start())
-            if self.role is not Role.WORKER:
-                settings = credentials.ensure(settings)
+            # A worker needs no keys, but signs callbacks (and its sandbox, Meta's webhooks).
+            settings = credentials.ensure(settings, api=self.role is not Role.WORKER)
             if self.role is not Role.API and settings.upstream_url is None:
                 log.warning(
                     "GATEWAY_UPSTREAM_URL is unset: sends go to the built-in sandbox, "

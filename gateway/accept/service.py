@@ -21,12 +21,14 @@ from typing import Any
 from redis.asyncio.client import Pipeline
 
 from gateway import ids, keys, metrics
+from gateway.accept.service_window import ServiceWindow
 from gateway.accept.validation import (
     Outbound,
     body_digest,
     idempotency_key_problem,
     parse_message,
 )
+from gateway.callbacks.urls import CallbackPolicy
 from gateway.errors import (
     ApiError,
     FieldProblem,
@@ -113,12 +115,16 @@ class Acceptor:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.max_backlog = settings.max_backlog
+        self.window = ServiceWindow(store, settings)
+        # Parsed once; a bad allow list or default URL stops the process at start (ConfigError).
+        self.callbacks = CallbackPolicy.from_settings(settings)
         self._waiting: list[tuple[Outbound, asyncio.Future[Accepted]]] = []
         self._flush_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def send(self, body: Any, idempotency: Idempotency | None) -> Accepted:
-        message = parse_message(body)
+        message = parse_message(body, callbacks=self.callbacks)
+        await self.window.require(message)
         if idempotency is not None:
             return await self._send_idempotent(body, message, idempotency)
         return await self._coalesced(message)
@@ -215,7 +221,7 @@ class Acceptor:
         keyed: list[_Pending] = []
         for index, raw in enumerate(messages):
             try:
-                message = parse_message(raw, in_batch=True)
+                message = parse_message(raw, in_batch=True, callbacks=self.callbacks)
             except ApiError as exc:
                 results[index] = exc.body()
                 continue
@@ -225,6 +231,8 @@ class Acceptor:
             else:
                 entry = _Pending(index, message)
             pending.append(entry)
+        pending = await self.window.screen(pending, results)
+        keyed = [entry for entry in keyed if results[entry.index] is None]
         scope = ""
         if keyed:
             scope = key_scope(api_key)
@@ -286,6 +294,7 @@ class Acceptor:
                     message.ttl_seconds,
                     entry.key,
                     entry.digest,
+                    message.callback_url,
                 ]
         reply = await self.store.script_on("push", list(shard_keys), args)
         outcome: dict[int, str | ApiError] = {}

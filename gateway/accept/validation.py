@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from gateway.callbacks.urls import CallbackPolicy
 from gateway.errors import ApiError, FieldProblem, invalid_request
 from gateway.registry.model import json_integer, phone_number_id_problem
 
@@ -54,6 +55,7 @@ _KNOWN = frozenset(
         "context",
         "biz_opaque_callback_data",
         "recipient_type",
+        "callback_url",
     }
 )
 _TO = re.compile(r"\+?[0-9]{7,15}")
@@ -80,14 +82,22 @@ class Outbound:
     reference: str
     ttl_seconds: str  # "" when none
     idempotency_key: str = ""  # a batch message's own key; "" when none
+    callback_url: str = ""  # its own, else GATEWAY_CALLBACK_URL; "" when none
 
 
-def parse_message(body: Any, prefix: str = "", *, in_batch: bool = False) -> Outbound:
+def parse_message(
+    body: Any,
+    prefix: str = "",
+    *,
+    in_batch: bool = False,
+    callbacks: CallbackPolicy | None = None,
+) -> Outbound:
     """Validate one message; raises `ApiError` (400 invalid_request) listing every problem.
 
     `prefix` names the message's place in a batch in field paths (e.g. "messages[3].").
     A message of a batch (`in_batch`) may carry its own `idempotency_key`; a single send
-    takes it as the Idempotency-Key header.
+    takes it as the Idempotency-Key header. `callbacks` says which `callback_url`s are allowed
+    and the default one (without it, none is allowed and there is no default).
     """
     if not isinstance(body, dict):
         raise invalid_request([FieldProblem(prefix.rstrip(".") or "body", "must be a JSON object")])
@@ -186,6 +196,18 @@ def parse_message(body: Any, prefix: str = "", *, in_batch: bool = False) -> Out
     if recipient_type is not None and not isinstance(recipient_type, str):
         problems.append(FieldProblem(prefix + "recipient_type", "must be a string"))
 
+    callback_url = body.get("callback_url")
+    if callback_url is None:
+        callback_url = callbacks.default if callbacks is not None else ""
+    else:
+        why = (
+            callbacks.problem(callback_url)
+            if callbacks is not None
+            else "is not allowed: this gateway allows no callback URLs"
+        )
+        if why is not None:
+            problems.append(FieldProblem(prefix + "callback_url", why))
+
     if problems:
         raise invalid_request(problems)
 
@@ -212,6 +234,7 @@ def parse_message(body: Any, prefix: str = "", *, in_batch: bool = False) -> Out
         reference,
         ttl_text,
         idempotency_key,
+        callback_url,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api import events, messages, ops, phone_numbers
+from gateway.api import events, messages, ops, phone_numbers, webhooks
 from gateway.api.auth import KeyRing
 from gateway.api.http import MAX_BODY
 from gateway.api.middleware import make_middleware
@@ -27,7 +27,7 @@ def create_app(settings: Settings, store: Store, *, api: bool = True) -> web.App
     )
     app.on_response_prepare.append(name_server)
     app[SERVICES] = Services.build(settings, store)
-    tables = [messages.routes, phone_numbers.routes, events.routes] if api else []
+    tables = [messages.routes, phone_numbers.routes, events.routes, webhooks.routes] if api else []
     for table in [*tables, ops.routes]:
         app.router.add_routes(table)
     return app

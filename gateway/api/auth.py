@@ -1,7 +1,8 @@
 """Bearer-key auth of API.md: send keys may use /v1/messages*, admin keys every /v1 route.
 
 Keys are compared in constant time, and every configured key is compared, so the time taken
-does not tell which key nearly matched. `/v1/events` is authenticated by its signature instead.
+does not tell which key nearly matched. `/v1/events` and `/v1/webhooks/meta` are authenticated by
+their signatures instead.
 A header is compared as the bytes it arrived as: a byte that is not UTF-8 (aiohttp keeps it as a
 surrogate escape) matches no key and is a `401`, not an encoding error.
 """
@@ -15,6 +16,8 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 
+# Routes authenticated by a signature (or a verify token) instead of a key.
+SIGNED_ROUTES = frozenset({"/v1/events", "/v1/webhooks/meta"})
 # The challenge of every 401 on a bearer route (RFC 6750).
 CHALLENGE = 'Bearer realm="whatsapp-gateway"'
 
@@ -46,7 +49,7 @@ class KeyRing:
 
 def required_role(path: str) -> Role | None:
     """The role a path needs; None for routes outside the key scheme."""
-    if not path.startswith("/v1/") or path == "/v1/events":
+    if not path.startswith("/v1/") or path in SIGNED_ROUTES:
         return None
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return Role.SEND

@@ -6,7 +6,8 @@ One `Drain` runs in each worker process, as supervised tasks:
   process can start on time; with nothing due it sleeps until the next due time or a wake
   token (`gateway.drain.wake`), never a polling sleep;
 - senders: a dispatcher and a fixed pool of sender coroutines (`gateway.drain.senders`);
-- settle loop: outcomes batched per shard into `settle` calls (`gateway.drain.settle`).
+- settle loop: outcomes batched per shard into `settle` calls (`gateway.drain.settle`);
+- status callbacks: the owned shards' outboxes, sent on their own (`gateway.callbacks.sender`).
 
 Rate exactness: `take` stamps each grant with a send time on the Redis server's clock and keeps
 every window of 1 s + `GATEWAY_RATE_SLACK` at or under the number's rate. The worker starts
@@ -35,6 +36,7 @@ import time
 from typing import Any
 
 from gateway import metrics
+from gateway.callbacks.sender import CallbackSender
 from gateway.drain.clock import ServerClock
 from gateway.drain.outage import RedisOutage
 from gateway.drain.schedule import SendSchedule
@@ -103,6 +105,14 @@ class Drain:
         self.window_ms = 1000.0 + settings.rate_slack * 1000.0
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+        # Without a signing secret no callback can be sent (`gateway run` always has one).
+        self.callbacks: CallbackSender | None = None
+        if settings.callback_secret:
+            self.callbacks = CallbackSender(
+                settings, store, self.ownership, settings.callback_secret
+            )
+        else:
+            log.warning("GATEWAY_CALLBACK_SECRET is unset: this process sends no status callbacks")
         self._stopped = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -119,6 +129,8 @@ class Drain:
         self.tasks += self.senders.start()
         for task in self.tasks:
             task.add_done_callback(self._supervise)
+        if self.callbacks is not None:
+            self.callbacks.start(self._supervise)
         metrics.DRAIN_START_RATE.set(self.schedule.rate)
         # Connections opened before the first sends need them (a chore: it ends by itself).
         self._warming = asyncio.create_task(self.api.warm(), name="drain-warm")
@@ -154,6 +166,8 @@ class Drain:
         self.settler.finish()  # the settle loop ends after what is queued before
         if not await _finish(settle, 10.0):
             log.error("outcomes left unsettled at exit; their leases will run out")
+        if self.callbacks is not None:
+            await self.callbacks.stop(grace)
         await _finish(ownership, REFRESH_GRACE_S)
         await _finish(wake, MAX_WAIT_S + 2.0)
         await self.ownership.leave()

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from gateway.sandbox.faults import Answer, FaultError, Faults
+from gateway.sandbox.statuses import STATUSES, StatusConfig, StatusWebhooks, status_loop
 
 RATE_CACHE_S = 1.0
 WINDOW_S = 1.0
@@ -200,10 +201,14 @@ async def send_message(request: web.Request) -> web.Response:
         record("throttled")
         return meta_error(400, 130429)
     record("ok")
+    wamid = sandbox.wamid()
+    statuses = request.app.get(STATUSES)
+    if statuses is not None:
+        statuses.accepted(pn, wamid, body)
     answer = {
         "messaging_product": "whatsapp",
         "contacts": [{"input": body["to"], "wa_id": body["to"].lstrip("+")}],
-        "messages": [{"id": sandbox.wamid()}],
+        "messages": [{"id": wamid}],
     }
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
@@ -298,6 +303,12 @@ async def clear_faults(request: web.Request) -> web.Response:
     return _json(Faults().as_dict())
 
 
+async def webhook_stats(request: web.Request) -> web.Response:
+    """What the status webhooks did: planned, posted, retries, dropped, abandoned, pending."""
+    statuses = request.app.get(STATUSES)
+    return _json({"enabled": statuses is not None, **(statuses.stats() if statuses else {})})
+
+
 async def stats(request: web.Request) -> web.Response:
     records = list(request.app[SANDBOX].recorded())
     by_number: dict[str, Counter[str]] = {}
@@ -312,10 +323,17 @@ async def stats(request: web.Request) -> web.Response:
 
 
 def create_sandbox_app(
-    rates: RateSource | None = None, *, record_limit: int = 1_000_000
+    rates: RateSource | None = None,
+    *,
+    record_limit: int = 1_000_000,
+    statuses: StatusConfig | None = None,
 ) -> web.Application:
+    """The sandbox app; with `statuses`, it posts Meta's status webhooks for what it accepts."""
     app = web.Application()
     app[SANDBOX] = Sandbox(rates or StaticRates(), record_limit)
+    if statuses is not None:
+        app[STATUSES] = StatusWebhooks(statuses)
+        app.cleanup_ctx.append(status_loop)
     app.router.add_post("/{version}/{phone_number_id}/messages", send_message)
     app.router.add_post("/{phone_number_id}/messages", send_message)
     app.router.add_get("/_sandbox/arrivals", arrivals)
@@ -326,14 +344,16 @@ def create_sandbox_app(
     app.router.add_get("/_sandbox/faults", get_faults)
     app.router.add_delete("/_sandbox/faults", clear_faults)
     app.router.add_get("/_sandbox/stats", stats)
+    app.router.add_get("/_sandbox/webhooks", webhook_stats)
     return app
 
 
 async def start_sandbox(
-    host: str, port: int, rates: RateSource | None = None
+    host: str, port: int, rates: RateSource | None = None, statuses: StatusConfig | None = None
 ) -> tuple[web.AppRunner, str]:
     """Serve the sandbox on host:port (0: a free port); the runner and the upstream base URL."""
-    runner = web.AppRunner(create_sandbox_app(rates), access_log=None, handle_signals=False)
+    app = create_sandbox_app(rates, statuses=statuses)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()

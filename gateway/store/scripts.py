@@ -29,6 +29,9 @@ NAMES = (
     "claim",
     "members",
     "gauges",
+    "callback_claim",
+    "callback_done",
+    "receipts",
 )
 
 

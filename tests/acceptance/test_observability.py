@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRAPE_S = 1
 ADMIN = {"Authorization": "Bearer obs-admin"}
 SEND = {"Authorization": "Bearer obs-send"}
+APP_SECRET = "obs-app-secret"
 TIERS = {
     "555100000001": "standard",
     "555100000002": "medium",
@@ -56,8 +58,26 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         redis.start()
         started.callback(redis.stop)
         sandbox_port, gateway_port, prom_port = free_port(), free_port(), free_port()
+        receiver_port = free_port()
+        # Status callbacks go to the tiny receiver users are shown (prints each event).
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "gateway.client.echo", "--port", str(receiver_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.callback(receiver.wait, 10)
+        started.callback(receiver.terminate)
+        # The sandbox plays Meta: signed status webhooks back to the gateway.
         sandbox = Command(
-            ["sandbox"], clean_env(GATEWAY_PORT=str(sandbox_port)), tmp_path / "sandbox"
+            ["sandbox"],
+            clean_env(
+                GATEWAY_PORT=str(sandbox_port),
+                GATEWAY_SANDBOX_WEBHOOK_URL=f"http://127.0.0.1:{gateway_port}/v1/webhooks/meta",
+                GATEWAY_META_APP_SECRET=APP_SECRET,
+                GATEWAY_SANDBOX_STATUS_DELAYS="200ms,500ms",
+                GATEWAY_SANDBOX_FAIL_SHARE="0.05",
+            ),
+            tmp_path / "sandbox",
         ).start()
         started.callback(sandbox.stop)
         sandbox.wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/stats")
@@ -74,6 +94,9 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
                 GATEWAY_WEBHOOK_SECRET="obs-secret",
                 GATEWAY_RETRY_BASE="0.2",
                 GATEWAY_LOG_FORMAT="json",
+                GATEWAY_META_APP_SECRET=APP_SECRET,
+                GATEWAY_CALLBACK_URL=f"http://127.0.0.1:{receiver_port}/callbacks",
+                GATEWAY_CALLBACK_ALLOW=f"http://127.0.0.1:{receiver_port}/",
             ),
             tmp_path / "gateway",
         ).start()

@@ -1,4 +1,4 @@
-"""Schemathesis hooks for the gateway: events are signed, so the fuzzer reaches the event logic.
+"""Schemathesis hooks for the gateway: webhooks are signed, so the fuzzer reaches their logic.
 
 `POST /v1/events` is authenticated by `X-Signature-256: sha256=<HMAC-SHA256 of the raw body>`,
 which no generator can guess: unsigned, every event case stops at the 401. So a case whose
@@ -9,8 +9,12 @@ they fuzz the signature check itself.
 
 A valid event's `created_at` is set to now before it is signed (see below).
 
-Loaded by file path (SCHEMATHESIS_HOOKS), so it imports nothing from the project. The secret is
-GATEWAY_WEBHOOK_SECRET of the environment `st` runs in; unset, nothing is signed.
+Meta's webhooks (`POST /v1/webhooks/meta`, `X-Hub-Signature-256`) are signed the same way, and
+a valid send's `callback_url` is pointed inside the stack's allow list.
+
+Loaded by file path (SCHEMATHESIS_HOOKS), so it imports nothing from the project. The secrets are
+GATEWAY_WEBHOOK_SECRET and GATEWAY_META_APP_SECRET of the environment `st` runs in; unset,
+nothing is signed.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from schemathesis.core import NotSet
 from schemathesis.core.parameters import ParameterLocation
 from schemathesis.transport.prepare import prepare_body
 
-SIGNATURE = "X-Signature-256"
+# Signed routes: the header of each, and the environment variable holding its secret.
+SIGNED = {
+    "/v1/events": ("X-Signature-256", "GATEWAY_WEBHOOK_SECRET"),
+    "/v1/webhooks/meta": ("X-Hub-Signature-256", "GATEWAY_META_APP_SECRET"),
+}
+# A callback URL inside the stack's GATEWAY_CALLBACK_ALLOW (tests/fuzz/stack.py): whether a URL
+# is allowed is the operator's setting, which no schema can state.
+CALLBACK_URL = "http://127.0.0.1:9/fuzz/status"
 
 
 def _wire_bytes(case: schemathesis.Case[Any]) -> bytes | None:
@@ -43,6 +54,14 @@ def _wire_bytes(case: schemathesis.Case[Any]) -> bytes | None:
         return None
 
 
+def _allowed_callbacks(body: Any) -> None:
+    """Point a valid send's (or a batch's messages') `callback_url` inside the allow list."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for message in messages if isinstance(messages, list) else [body]:
+        if isinstance(message, dict) and isinstance(message.get("callback_url"), str):
+            message["callback_url"] = CALLBACK_URL
+
+
 def meta_negative_body(case: schemathesis.Case[Any]) -> bool:
     meta = case.meta
     return meta is not None and meta.is_negative_at(ParameterLocation.BODY)
@@ -52,11 +71,18 @@ def meta_negative_body(case: schemathesis.Case[Any]) -> bool:
 def before_call(
     context: schemathesis.HookContext, case: schemathesis.Case[Any], kwargs: dict[str, Any]
 ) -> None:
-    secret = os.environ.get("GATEWAY_WEBHOOK_SECRET")
-    if not secret or case.method.upper() != "POST" or case.path != "/v1/events":
+    if case.method.upper() != "POST":
+        return
+    if case.path in ("/v1/messages", "/v1/messages/batch") and not meta_negative_body(case):
+        _allowed_callbacks(case.body)
+    if case.path not in SIGNED:
+        return
+    header, variable = SIGNED[case.path]
+    secret = os.environ.get(variable)
+    if not secret:
         return
     headers = case.headers
-    if not headers or SIGNATURE not in headers or "data" in kwargs or "json" in kwargs:
+    if not headers or header not in headers or "data" in kwargs or "json" in kwargs:
         return
     meta = case.meta
     if meta is not None and meta.is_negative_at(ParameterLocation.HEADER):
@@ -71,4 +97,4 @@ def before_call(
     raw = _wire_bytes(case)
     if raw is not None:
         digest = hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
-        headers[SIGNATURE] = f"sha256={digest}"
+        headers[header] = f"sha256={digest}"

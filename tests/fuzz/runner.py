@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.fuzz.stack import Target
+from tests.fuzz.stack import META_APP_SECRET, Target
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "schemathesis.toml"
@@ -113,6 +113,7 @@ def run_st(
         **os.environ,
         "SCHEMATHESIS_HOOKS": str(HOOKS),
         "GATEWAY_WEBHOOK_SECRET": target.webhook_secret,
+        "GATEWAY_META_APP_SECRET": META_APP_SECRET,
     }
     log_path = workdir / f"st-{len(list(workdir.glob('st-*.log')))}.log"
     with (

@@ -21,6 +21,9 @@ from tests.servers import RedisServer, free_port
 SEND_KEY = "fuzz-send-key"
 ADMIN_KEY = "fuzz-admin-key"
 WEBHOOK_SECRET = "fuzz-webhook-secret"
+META_APP_SECRET = "fuzz-meta-app-secret"
+# hooks.py points valid callback URLs here (nothing listens: callbacks are retried, harmlessly).
+CALLBACK_ALLOW = "http://127.0.0.1:9/fuzz/"
 # Registered before the run, so sends and number routes reach their real paths (the queue, the
 # drain, the registry) and not only "unknown number" answers. The first is the one in the
 # document's examples.
@@ -70,6 +73,8 @@ def running_gateway(workdir: Path) -> Iterator[Target]:
         GATEWAY_API_KEYS=SEND_KEY,
         GATEWAY_ADMIN_KEYS=ADMIN_KEY,
         GATEWAY_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        GATEWAY_META_APP_SECRET=META_APP_SECRET,
+        GATEWAY_CALLBACK_ALLOW=CALLBACK_ALLOW,
         # Fuzzed sends fail upstream quickly instead of being retried for minutes.
         GATEWAY_MAX_ATTEMPTS="2",
         GATEWAY_RETRY_BASE="50ms",

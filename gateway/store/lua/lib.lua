@@ -56,6 +56,55 @@ local function emit_event(id, status, now, retention)
   end
 end
 
+-- Delivery receipts (`gateway.receipts`): Meta's statuses of a sent message arrive in any order
+-- and any number of times. The status only moves up RECEIPT_RANK (`sent` is the base); each of
+-- da, ra, pa, fa is set once, from Meta's time; a `failed` below the status (e.g. after
+-- `delivered`) only keeps its error in `e`, with no event. Returns 1 when the status changed
+-- (its event emitted), 2 when only a time or the error was recorded, 0 when nothing changed.
+local RECEIPT_RANK = {sent = 1, failed = 2, delivered = 3, read = 4, played = 5}
+local RECEIPT_TIME = {failed = 'fa', delivered = 'da', read = 'ra', played = 'pa'}
+
+local function apply_receipt(id, status, at, error_json, now, retention)
+  local k = key_msg(id)
+  local m = redis.call('HMGET', k, 's', 'e')
+  local rank, current = RECEIPT_RANK[status], RECEIPT_RANK[m[1] or '']
+  if not rank or not current then return 0 end
+  local code = 0
+  local field = RECEIPT_TIME[status]
+  if field and redis.call('HSETNX', k, field, at) == 1 then code = 2 end
+  if rank > current then
+    if status == 'failed' then
+      redis.call('HSET', k, 's', status, 'ua', now, 'e', error_json)
+    else
+      redis.call('HSET', k, 's', status, 'ua', now)
+    end
+    code = 1
+  elseif status == 'failed' and not m[2] and error_json ~= '' then
+    redis.call('HSET', k, 'e', error_json)
+    code = 2
+  end
+  if code == 0 then return 0 end
+  if code == 2 then redis.call('HSET', k, 'ua', now) end
+  redis.call('EXPIRE', k, retention)
+  if code == 1 then emit_event(id, status, now, retention) end
+  return code
+end
+
+-- Applies, in arrival order, the statuses held for `wamid` (`receipts.lua`) to message `id`,
+-- which just got that wamid. A held entry is the JSON array [status, at ms, error JSON].
+local function apply_held(id, wamid, now, retention)
+  local hk = key_held(wamid)
+  local held = redis.call('LRANGE', hk, 0, -1)
+  if #held == 0 then return end
+  redis.call('DEL', hk)
+  for _, entry in ipairs(held) do
+    local ok, r = pcall(cjson.decode, entry)
+    if ok and type(r) == 'table' and type(r[1]) == 'string' and tonumber(r[2]) then
+      apply_receipt(id, r[1], tonumber(r[2]), r[3] or '', now, retention)
+    end
+  end
+end
+
 -- Ends a message that is still `queued` (in a lane list or in its retry set) with a terminal
 -- status. A message in a lane list stays there as a dead entry, counted in cfg `d_<list>` so
 -- queue depths stay right, and is dropped when the drain pops it.

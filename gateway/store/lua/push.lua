@@ -3,7 +3,8 @@
 --       call may cover several shards).
 -- ARGV: max_backlog, idem_scope, idem_ttl_s,
 --       then groups: key index (into KEYS), pn, count,
---                    count x (id, list, category, payload, reference, ttl_s, idem_key, digest)
+--                    count x (id, list, category, payload, reference, ttl_s, idem_key, digest,
+--                             callback_url or '')
 -- A message with an idem_key is one of an idempotent send: its record `idem:<scope>:<key>`
 -- ('<digest> <id>') is read and written here, in the same step as the push, so a retry finds
 -- the first attempt's message whenever that attempt landed, even after its answer was lost.
@@ -41,7 +42,7 @@ while i <= #ARGV do
   local by_list = {}
   local sendable = false
   for j = 0, count - 1 do
-    local b = i + j * 8
+    local b = i + j * 9
     local idem, prev = nil, nil
     if ARGV[b + 6] ~= '' then
       idem = key_idem(scope, ARGV[b + 6])
@@ -61,6 +62,7 @@ while i <= #ARGV do
       local fields = {'pn', pn, 's', 'queued', 'c', ARGV[b + 2], 'l', string.sub(list, 1, 1),
                       'p', ARGV[b + 3], 'ca', now}
       if ARGV[b + 4] ~= '' then fields[#fields + 1] = 'r'; fields[#fields + 1] = ARGV[b + 4] end
+      if ARGV[b + 8] ~= '' then fields[#fields + 1] = 'cb'; fields[#fields + 1] = ARGV[b + 8] end
       if ARGV[b + 5] ~= '' then
         fields[#fields + 1] = 'x'; fields[#fields + 1] = now + tonumber(ARGV[b + 5]) * 1000
       end
@@ -81,6 +83,6 @@ while i <= #ARGV do
   out[#out + 1] = code; out[#out + 1] = accepted; out[#out + 1] = number[2] or ''
   out[#out + 1] = #seen / 3
   for _, value in ipairs(seen) do out[#out + 1] = value end
-  i = i + count * 8
+  i = i + count * 9
 end
 return out

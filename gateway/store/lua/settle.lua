@@ -82,6 +82,11 @@ local function settle_one(kind, id, fence, a, b)
       redis.call('HDEL', cfg, 'tb')
       count_sent(pn)
       emit_event(id, 'sent', now, retention)
+      if a ~= '' then
+        -- Meta's statuses find the message by its wamid; any that came before it are applied
+        redis.call('SET', key_wamid(a), id, 'EX', retention)
+        apply_held(id, a, now, retention)
+      end
     elseif kind == 'F' then
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', a)
       redis.call('EXPIRE', k, retention)

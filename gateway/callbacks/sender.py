@@ -1,0 +1,384 @@
+"""The status callback sender: the outboxes of this worker's shards out to their receivers.
+
+One `CallbackSender` runs in each worker process, beside the drain and sharing only its shard
+ownership: it has its own HTTP session and its own tasks, so a slow or dead receiver never
+holds a send back.
+
+- claim loop: one `callback_claim` call leases the due events of every owned shard, up to what
+  this process may hold (`MAX_HELD`). Waiting between claims is a BLPOP on the shards'
+  `cbwake` tokens (left by every status change that puts an event on an outbox), cut at the
+  soonest retry's due time and at a second: a callback goes out as soon as its change is
+  written, and an idle gateway costs one blocked connection and one claim a second, not a poll
+  every 100 ms per process. The second-long cap also covers a token lost with a Redis restart.
+- per event: a task that waits for its receiver origin's semaphore (`GATEWAY_CALLBACK_CONCURRENCY`
+  requests per origin) and posts it. An origin already holding twice that many events gets no
+  more: they go back to the outbox for a second (`defer`, no attempt counted, one call for all
+  of a claim's), so one origin's backlog never fills what this process holds and the events of
+  other origins, due before them, keep flowing.
+- outcomes: one `callback_done` call per event (2xx: done, and the message's next event goes on
+  the outbox; 410 or too old: dropped; anything else: retried with backoff).
+
+A claim leases events for two callback timeouts and 5 s (an event waits at most one timeout for
+its origin's slot, then at most one in flight); a worker that dies leaves them to be claimed
+again when that runs out. So delivery is at least once: only events in flight at a crash or a
+Redis failover can arrive twice, with the same `webhook-id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+from redis.asyncio import Redis
+
+from gateway import keys, metrics
+from gateway.callbacks import signing, urls
+from gateway.clock import rfc3339
+from gateway.drain.shards import ShardOwnership
+from gateway.errors import StoreUnavailable
+from gateway.settings import Settings
+from gateway.store import Store, as_text, connect, unavailable_on_redis_errors
+
+log = logging.getLogger("gateway.callbacks")
+
+MAX_HELD = 1000  # events one process holds at once (waiting for a slot or in flight)
+MAX_WAIT_S = 1.0  # longest wait between claims
+RETRY_CAP_S = 3600.0
+JITTER = 0.2  # each retry delay is spread by +-20%
+STOP_WAIT_S = 2.0
+DEFER_MS = 1000  # how long an event of an origin with no room goes back to the outbox
+# BLPOP timeouts are checked by the server about every 100 ms: shorter waits are local sleeps.
+BLOCK_MIN_S = 0.1
+
+
+@dataclass(slots=True)
+class Event:
+    shard: int
+    id: str
+    status: str
+    t: int  # ms of the status change
+    url: str
+    phone_number_id: str
+    to: str
+    reference: str
+    upstream_id: str
+    error: str
+    attempts: int
+    claimed_ms: int  # the server's clock at the claim
+    claimed_at: float  # this process's monotonic clock at the claim
+
+    def body(self) -> bytes:
+        """The JSON posted: the same bytes on every attempt (fields in a fixed order)."""
+        error: object = None
+        if self.error:
+            try:
+                error = orjson.loads(self.error)
+            except orjson.JSONDecodeError:
+                error = self.error
+        return orjson.dumps(
+            {
+                "type": "message.status",
+                "message_id": self.id.rsplit(".", 1)[0],
+                "status": self.status,
+                "timestamp": rfc3339(self.t),
+                "phone_number_id": self.phone_number_id,
+                "to": self.to,
+                "client_reference": self.reference or None,
+                "upstream_message_id": self.upstream_id or None,
+                "error": error,
+            }
+        )
+
+    def age_s(self) -> float:
+        """Seconds since the status change, on the server's clock."""
+        return (self.claimed_ms - self.t) / 1000.0 + time.monotonic() - self.claimed_at
+
+
+def parse_claim(shards: list[int], reply: list[object]) -> tuple[int, int, list[Event]]:
+    """Server now, soonest due time left (-1: none) and the leased events of a claim."""
+    now, soonest = int(reply[0]), int(reply[1])  # type: ignore[call-overload]
+    at = time.monotonic()
+    events = []
+    for b in range(2, len(reply), 11):
+        f = [as_text(v) if isinstance(v, bytes) else str(v) for v in reply[b : b + 11]]
+        events.append(
+            Event(
+                shards[int(f[0]) - 1],
+                f[1],
+                f[2],
+                int(f[3] or 0),
+                f[4],
+                f[5],
+                f[6],
+                f[7],
+                f[8],
+                f[9],
+                int(f[10] or 0),
+                now,
+                at,
+            )
+        )
+    return now, soonest, events
+
+
+def retry_delay(attempts: int, base_s: float) -> float:
+    """Seconds before the next attempt after `attempts` failed ones (1 = the first)."""
+    delay = base_s * 2.0 ** min(attempts - 1, 30)
+    return min(delay * random.uniform(1.0 - JITTER, 1.0 + JITTER), RETRY_CAP_S)
+
+
+@dataclass
+class _Origin:
+    slots: asyncio.Semaphore
+    held: int = 0
+
+
+@dataclass
+class _Held:
+    event: Event
+    origin: urls.Origin | None  # None: nothing to send (the event is dropped)
+    started: bool = False
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class CallbackSender:
+    def __init__(
+        self, settings: Settings, store: Store, ownership: ShardOwnership, secret: str
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.ownership = ownership
+        self.key = signing.secret_key(secret)
+        assert settings.redis_url is not None
+        self.wake_client: Redis = connect(
+            settings.redis_url, max_connections=2, socket_timeout=MAX_WAIT_S + 2
+        )
+        self.lease_ms = int((2 * settings.callback_timeout + 5.0) * 1000)
+        self.concurrency = settings.callback_concurrency
+        self.origins: dict[urls.Origin, _Origin] = {}
+        self.held: dict[str, _Held] = {}
+        self.room = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.session: aiohttp.ClientSession | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._down = False
+        self._stopped = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, on_done: Callable[[asyncio.Task[None]], None]) -> asyncio.Task[None]:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=self.settings.callback_timeout),
+            trust_env=False,
+            auto_decompress=False,
+        )
+        self.task = asyncio.create_task(self._claim_loop(), name="callbacks-claim")
+        self.task.add_done_callback(on_done)
+        return self.task
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; requests in flight get `grace_s`; the rest go back to the outbox.
+
+        Safe to call twice.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self.stopping.set()
+        if self.task is not None:
+            done, _ = await asyncio.wait({self.task}, timeout=MAX_WAIT_S + STOP_WAIT_S)
+            if not done:
+                self.task.cancel()
+                await asyncio.gather(self.task, return_exceptions=True)
+        # Events still waiting for a slot go back at once, for whichever worker is next.
+        waiting = [h for h in self.held.values() if not h.started]
+        for entry in waiting:
+            if entry.task is not None:
+                entry.task.cancel()
+        with contextlib.suppress(StoreUnavailable):
+            await self._report_many([("defer", h.event, 0) for h in waiting])
+        running = [h.task for h in self.held.values() if h.task is not None and not h.task.done()]
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace_s)
+            for task in late:
+                task.cancel()  # its lease runs out and another worker sends it again
+            await asyncio.gather(*running, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+        await self.wake_client.aclose()
+        await self.wake_client.connection_pool.disconnect()
+
+    # -- claiming --------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self.stopping.is_set():
+            owned = sorted(self.ownership.owned)
+            if not owned:
+                self.ownership.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(MAX_WAIT_S):
+                        await self.ownership.changed.wait()
+                continue
+            budget = MAX_HELD - len(self.held)
+            if budget <= 0:
+                self.room.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(MAX_WAIT_S):
+                        await self.room.wait()
+                continue
+            random.shuffle(owned)  # the budget may run out before the last shard
+            try:
+                with unavailable_on_redis_errors():
+                    reply = await self.store.script_on(
+                        "callback_claim", owned, [budget, self.lease_ms]
+                    )
+            except StoreUnavailable as exc:
+                self._redis_down(exc)
+                await asyncio.sleep(0.5)  # outage backoff
+                continue
+            self._redis_up()
+            now, soonest, events = parse_claim(owned, reply)
+            deferred = [("defer", e, DEFER_MS) for e in events if not self._take(e)]
+            if deferred:
+                try:
+                    await self._report_many(deferred)
+                except StoreUnavailable as exc:  # their leases bring them back
+                    self._redis_down(exc)
+            if len(events) >= budget:
+                continue  # more may be due
+            wait_s = MAX_WAIT_S if soonest < 0 else min(max(soonest - now, 0) / 1000, MAX_WAIT_S)
+            await self._wait(owned, wait_s)
+
+    async def _wait(self, owned: list[int], wait_s: float) -> None:
+        """Until `wait_s` passes or a shard's `cbwake` token arrives."""
+        if wait_s < BLOCK_MIN_S:
+            await asyncio.sleep(wait_s)
+            return
+        try:
+            with unavailable_on_redis_errors():
+                await self.wake_client.blpop([keys.cbwake(s) for s in owned], timeout=wait_s)
+        except StoreUnavailable as exc:
+            self._redis_down(exc)
+            await asyncio.sleep(0.5)
+
+    def _redis_down(self, exc: Exception) -> None:
+        metrics.REDIS_ERRORS.inc()
+        if not self._down:
+            self._down = True
+            log.error("redis unavailable, status callbacks paused: %s", exc)
+
+    def _redis_up(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("redis is back: status callbacks resumed")
+
+    def _take(self, event: Event) -> bool:
+        """Start handling a claimed event; False when its origin has no room for it."""
+        if event.id in self.held:
+            return True  # still ours from an earlier claim (its lease ran out while it waited)
+        parsed = urls.parse(event.url)
+        origin: urls.Origin | None = None
+        if event.status and not isinstance(parsed, str):
+            origin = parsed.origin
+            state = self.origins.get(origin)
+            if state is None:
+                state = self.origins[origin] = _Origin(asyncio.Semaphore(self.concurrency))
+            if state.held >= 2 * self.concurrency:
+                return False
+            state.held += 1
+        entry = _Held(event, origin)
+        self.held[event.id] = entry
+        entry.task = asyncio.create_task(self._handle(entry), name=f"callback-{event.id}")
+        return True
+
+    # -- one event -------------------------------------------------------------------------
+
+    async def _handle(self, entry: _Held) -> None:
+        event = entry.event
+        try:
+            await self._handle_event(entry)
+        except asyncio.CancelledError:
+            raise
+        except StoreUnavailable as exc:  # the outcome is lost; the lease brings the event back
+            self._redis_down(exc)
+        except Exception:  # a loop boundary: one event's bug must not end the sender
+            log.exception("status callback %s failed unexpectedly", event.id)
+        finally:
+            del self.held[event.id]
+            if entry.origin is not None:
+                state = self.origins[entry.origin]
+                state.held -= 1
+                if state.held == 0:
+                    del self.origins[entry.origin]
+            self.room.set()
+
+    async def _handle_event(self, entry: _Held) -> None:
+        event = entry.event
+        if entry.origin is None:
+            # The event outlived the status retention (or a URL from an older version):
+            # nothing can be sent; the message's next event may.
+            await self._report("drop", event)
+            return
+        if event.age_s() > self.settings.callback_max_age:
+            metrics.local_callbacks_dropped.inc("max_age")
+            await self._report("drop", event)
+            return
+        async with self.origins[entry.origin].slots:
+            if self.stopping.is_set():
+                entry.started = True
+                await self._report("defer", event, 0)  # back at once, for the next owner
+                return
+            entry.started = True
+            status = await self._post(event)
+        if status is not None and 200 <= status < 300:
+            metrics.local_callbacks_delivered.inc()
+            metrics.local_callback_lag.observe(event.age_s())
+            await self._report("ok", event)
+        elif status == 410:
+            metrics.local_callbacks_dropped.inc("gone")
+            await self._report("drop", event)
+        else:
+            delay = retry_delay(event.attempts + 1, self.settings.callback_retry_base)
+            if event.age_s() + delay > self.settings.callback_max_age:
+                metrics.local_callbacks_dropped.inc("max_age")
+                await self._report("drop", event)
+            else:
+                metrics.local_callbacks_retried.inc()
+                await self._report("retry", event, int(delay * 1000))
+
+    async def _post(self, event: Event) -> int | None:
+        """The receiver's HTTP status, or None when it did not answer in time (or at all)."""
+        assert self.session is not None
+        body = event.body()
+        headers = signing.headers(self.key, event.id, int(time.time()), body)
+        metrics.CALLBACKS_INFLIGHT.inc()
+        try:
+            # Redirects are not followed: they could lead outside the allow list.
+            async with self.session.post(
+                event.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                return response.status
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            log.debug("status callback %s to %s: %r", event.id, event.url, exc)
+            return None
+        finally:
+            metrics.CALLBACKS_INFLIGHT.dec()
+
+    async def _report(self, kind: str, event: Event, delay_ms: int = 0) -> None:
+        await self._report_many([(kind, event, delay_ms)])
+
+    async def _report_many(self, outcomes: list[tuple[str, Event, int]]) -> None:
+        by_shard: dict[int, list[object]] = {}
+        for kind, event, delay_ms in outcomes:
+            by_shard.setdefault(event.shard, []).extend((kind, event.id, delay_ms))
+        for shard, args in by_shard.items():
+            with unavailable_on_redis_errors():
+                await self.store.script("callback_done", shard, args)
