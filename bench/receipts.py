@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -39,6 +40,7 @@ TARGET_DRAIN_WITH_CALLBACKS = 0.9
 TARGET_INTAKE = 3.0
 TARGET_CALLBACKS = 0.7
 APP_SECRET = "bench-app-secret"
+CALLBACK_SECRET = "whsec_" + base64.b64encode(b"bench-callback-secret-32-bytes!!").decode()
 STATUSES_PER_REQUEST = 100
 INTAKE_CONCURRENCY = 8
 
@@ -92,7 +94,7 @@ async def _wait_received(url: str, expected: int, within_s: float) -> dict[str, 
 
 
 def _callback_env(url: str) -> dict[str, str]:
-    return {"GATEWAY_CALLBACK_ALLOW": url, "GATEWAY_CALLBACK_SECRET": "whsec_" + "QkVOQ0g=" * 4}
+    return {"GATEWAY_CALLBACK_ALLOW": url, "GATEWAY_CALLBACK_SECRET": CALLBACK_SECRET}
 
 
 async def _drain(

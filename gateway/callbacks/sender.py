@@ -54,6 +54,11 @@ RETRY_CAP_S = 3600.0
 JITTER = 0.2  # each retry delay is spread by +-20%
 STOP_WAIT_S = 2.0
 DEFER_MS = 1000  # how long an event of an origin with no room goes back to the outbox
+# Events held per receiver origin (waiting for a slot or in flight), in units of
+# GATEWAY_CALLBACK_CONCURRENCY; claims wait until at least REFILL_AT of that room is free.
+PER_ORIGIN_SHARE = 4
+REFILL_AT = 8
+STALLED_S = 1.0
 # BLPOP timeouts are checked by the server about every 100 ms: shorter waits are local sleeps.
 BLOCK_MIN_S = 0.1
 
@@ -138,6 +143,9 @@ def retry_delay(attempts: int, base_s: float) -> float:
 class _Origin:
     slots: asyncio.Semaphore
     held: int = 0
+    # when it last finished an event (or was first seen): an origin that finishes nothing for
+    # a while is stalled, and no longer sizes the claims
+    progressed: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -162,6 +170,7 @@ class CallbackSender:
         )
         self.lease_ms = int((2 * settings.callback_timeout + 5.0) * 1000)
         self.concurrency = settings.callback_concurrency
+        self.per_origin = PER_ORIGIN_SHARE * self.concurrency
         self.origins: dict[urls.Origin, _Origin] = {}
         self.held: dict[str, _Held] = {}
         self.room = asyncio.Event()
@@ -227,12 +236,9 @@ class CallbackSender:
                     async with asyncio.timeout(MAX_WAIT_S):
                         await self.ownership.changed.wait()
                 continue
-            budget = MAX_HELD - len(self.held)
-            if budget <= 0:
-                self.room.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(MAX_WAIT_S):
-                        await self.room.wait()
+            budget = self._budget()
+            if budget < min(REFILL_AT, self.concurrency) and self.held:
+                await self._wait_for_room()
                 continue
             random.shuffle(owned)  # the budget may run out before the last shard
             try:
@@ -246,16 +252,43 @@ class CallbackSender:
                 continue
             self._redis_up()
             now, soonest, events = parse_claim(owned, reply)
+            self.room.clear()
             deferred = [("defer", e, DEFER_MS) for e in events if not self._take(e)]
             if deferred:
                 try:
                     await self._report_many(deferred)
                 except StoreUnavailable as exc:  # their leases bring them back
                     self._redis_down(exc)
+                # an origin is full: claim again once something finished, not at once
+                await self._wait_for_room()
+                continue
             if len(events) >= budget:
                 continue  # more may be due
             wait_s = MAX_WAIT_S if soonest < 0 else min(max(soonest - now, 0) / 1000, MAX_WAIT_S)
             await self._wait(owned, wait_s)
+
+    def _budget(self) -> int:
+        """How many events the next claim may bring.
+
+        What the busiest receiver that is making progress still has room for: with one
+        receiver (the usual case), a claim of everything due put all but that receiver's share
+        back for a second, and the outbox drained at ~80 callbacks/s (`bench receipts`). A
+        stalled receiver does not size the claims: its events are put back when they come,
+        and the other receivers' are started.
+        """
+        now = time.monotonic()
+        room = self.per_origin
+        for state in self.origins.values():
+            if state.held and now - state.progressed < STALLED_S:
+                room = min(room, self.per_origin - state.held)
+        return max(0, min(MAX_HELD - len(self.held), room))
+
+    async def _wait_for_room(self) -> None:
+        """Until a held event is done (or `MAX_WAIT_S` passed)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(MAX_WAIT_S):
+                await self.room.wait()
+        self.room.clear()
 
     async def _wait(self, owned: list[int], wait_s: float) -> None:
         """Until `wait_s` passes or a shard's `cbwake` token arrives."""
@@ -291,7 +324,7 @@ class CallbackSender:
             state = self.origins.get(origin)
             if state is None:
                 state = self.origins[origin] = _Origin(asyncio.Semaphore(self.concurrency))
-            if state.held >= 2 * self.concurrency:
+            if state.held >= self.per_origin:
                 return False
             state.held += 1
         entry = _Held(event, origin)
@@ -316,6 +349,7 @@ class CallbackSender:
             if entry.origin is not None:
                 state = self.origins[entry.origin]
                 state.held -= 1
+                state.progressed = time.monotonic()
                 if state.held == 0:
                     del self.origins[entry.origin]
             self.room.set()
