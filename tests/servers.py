@@ -1,13 +1,30 @@
-"""Real servers for tests: a redis-server on a free port that a test may stop and start."""
+"""Real servers for tests: a redis-server on a free port that a test may stop and start, and
+an aiohttp app served on a free port (a receiver of webhooks or callbacks)."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+from aiohttp import web
+
 from gateway.embedded_redis import find_server
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on 127.0.0.1 and a free port; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def free_port() -> int:

@@ -229,12 +229,8 @@ class CallbackSender:
 
     async def _claim_loop(self) -> None:
         while not self.stopping.is_set():
-            owned = sorted(self.ownership.owned)
+            owned = await self.ownership.current(MAX_WAIT_S)
             if not owned:
-                self.ownership.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(MAX_WAIT_S):
-                        await self.ownership.changed.wait()
                 continue
             budget = self._budget()
             if budget < min(REFILL_AT, self.concurrency) and self.held:

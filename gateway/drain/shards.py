@@ -59,6 +59,16 @@ class ShardOwnership:
             self.owned = held
             self.changed.set()
 
+    async def current(self, within_s: float) -> list[int]:
+        """The shards owned now, in order; with none, first wait up to `within_s` for some."""
+        owned = sorted(self.owned)
+        if not owned:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within_s):
+                    await self.changed.wait()
+        return owned
+
     async def run(self, stopping: asyncio.Event) -> None:
         """Refresh every second until `stopping` is set."""
         down = False

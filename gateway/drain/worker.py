@@ -177,13 +177,7 @@ class Drain:
 
     async def _owned_shards(self) -> list[int]:
         """The shards this worker drains; with none, wait (up to a second) for some."""
-        owned = sorted(self.ownership.owned)
-        if not owned:
-            self.ownership.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(MAX_WAIT_S):
-                    await self.ownership.changed.wait()
-        return owned
+        return await self.ownership.current(MAX_WAIT_S)
 
     async def _take_loop(self) -> None:
         due_at: dict[int, float] = {}  # monotonic time each shard is next due

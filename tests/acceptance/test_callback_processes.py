@@ -24,7 +24,7 @@ from tests.acceptance.test_drain_processes import (  # noqa: F401 (fixtures)
 )
 from tests.conftest import make_settings
 from tests.integration.drain_support import eventually, shards_shared
-from tests.servers import RedisServer
+from tests.servers import RedisServer, serving
 
 SECRET = signing.generate_secret()
 PN = "555000000077"
@@ -55,12 +55,8 @@ async def receiver() -> AsyncIterator[tuple[SlowReceiver, str]]:
     slow = SlowReceiver(0.5)
     app = web.Application()
     app.router.add_post("/cb", slow.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield slow, f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
-    await runner.cleanup()
+    async with serving(app) as base:
+        yield slow, f"{base}/cb"
 
 
 async def test_a_killed_worker_loses_no_callback(

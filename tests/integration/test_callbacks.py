@@ -37,7 +37,7 @@ from tests.integration.drain_support import (
     running_drain,
     running_sandbox,
 )
-from tests.servers import RedisServer
+from tests.servers import RedisServer, serving
 
 PN = "555123456789"
 SECRET = signing.generate_secret()
@@ -96,17 +96,12 @@ async def receiving() -> AsyncIterator[Receiver]:
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/{tail:.*}", receiver.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    receiver.base = f"http://127.0.0.1:{port}"
-    try:
-        yield receiver
-    finally:
-        receiver.release.set()
-        await runner.cleanup()
+    async with serving(app) as base:
+        receiver.base = base
+        try:
+            yield receiver
+        finally:
+            receiver.release.set()
 
 
 @pytest.fixture

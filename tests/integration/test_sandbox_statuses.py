@@ -20,6 +20,7 @@ from gateway.errors import ConfigError
 from gateway.sandbox import StaticRates, StatusConfig, start_sandbox
 from gateway.sandbox.statuses import status_config
 from gateway.settings import Settings, load
+from tests.servers import serving
 
 SECRET = "sandbox-test-app-secret"
 AUTH = {"Authorization": "Bearer token"}
@@ -88,15 +89,9 @@ class Receiver:
 async def running_receiver(receiver: Receiver) -> AsyncIterator[Receiver]:
     app = web.Application()
     app.router.add_post("/v1/webhooks/meta", receiver.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/webhooks/meta"
-    try:
+    async with serving(app) as base:
+        receiver.url = f"{base}/v1/webhooks/meta"
         yield receiver
-    finally:
-        await runner.cleanup()
 
 
 @asynccontextmanager

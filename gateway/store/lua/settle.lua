@@ -61,7 +61,9 @@ end
 
 local function settle_one(kind, id, fence, a, b)
   local k = key_msg(id)
-  local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a')
+  local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a', 'cb')
+  -- m[8], the callback URL: only a message with one has events (emit_event's own reads are
+  -- then spared for every other message)
   if m[1] ~= 'sending' or m[2] ~= fence then
     results[#results + 1] = 0
   else
@@ -73,7 +75,7 @@ local function settle_one(kind, id, fence, a, b)
     if kind ~= 'S' and kind ~= 'F' and redis.call('HGET', cfg, 'status') == 'deleted' then
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', DELETED_ERROR)
       redis.call('EXPIRE', k, retention)
-      emit_event(id, 'failed', now, retention)
+      if m[8] then emit_event(id, 'failed', now, retention) end
       code = 3
     elseif kind == 'S' then
       redis.call('HSET', k, 's', 'sent', 'sa', now, 'ua', now, 'w', a)
@@ -81,7 +83,7 @@ local function settle_one(kind, id, fence, a, b)
       redis.call('EXPIRE', k, retention)
       redis.call('HDEL', cfg, 'tb')
       count_sent(pn)
-      emit_event(id, 'sent', now, retention)
+      if m[8] then emit_event(id, 'sent', now, retention) end
       if a ~= '' then
         -- Meta's statuses find the message by its wamid; any that came before it are applied
         redis.call('SET', key_wamid(a), id, 'EX', retention)
@@ -90,13 +92,13 @@ local function settle_one(kind, id, fence, a, b)
     elseif kind == 'F' then
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', a)
       redis.call('EXPIRE', k, retention)
-      emit_event(id, 'failed', now, retention)
+      if m[8] then emit_event(id, 'failed', now, retention) end
     elseif kind == 'R' then
       local due = now + tonumber(a)
       if m[6] and tonumber(m[6]) <= due then
         redis.call('HSET', k, 's', 'expired', 'ua', now, 'e', b)
         redis.call('EXPIRE', k, retention)
-        emit_event(id, 'expired', now, retention)
+        if m[8] then emit_event(id, 'expired', now, retention) end
         code = 2
       else
         redis.call('HSET', k, 's', 'queued', 'ua', now, 'e', b)
