@@ -10,13 +10,16 @@ holds a send back.
   soonest retry's due time and at a second: a callback goes out as soon as its change is
   written, and an idle gateway costs one blocked connection and one claim a second, not a poll
   every 100 ms per process. The second-long cap also covers a token lost with a Redis restart.
+- sends first: while the drain has sends in hand, callbacks are paced to a tenth of its send
+  rate (`_yield_to_sends`); when it is idle they go as fast as the receivers answer.
 - per event: a task that waits for its receiver origin's semaphore (`GATEWAY_CALLBACK_CONCURRENCY`
   requests per origin) and posts it. An origin already holding twice that many events gets no
   more: they go back to the outbox for a second (`defer`, no attempt counted, one call for all
   of a claim's), so one origin's backlog never fills what this process holds and the events of
   other origins, due before them, keep flowing.
-- outcomes: one `callback_done` call per event (2xx: done, and the message's next event goes on
-  the outbox; 410 or too old: dropped; anything else: retried with backoff).
+- outcomes: written in batches, one `callback_done` call for all that came while the last was
+  being written (2xx: done, and the message's next event goes on the outbox; 410 or too old:
+  dropped; anything else: retried with backoff).
 
 A claim leases events for two callback timeouts and 5 s (an event waits at most one timeout for
 its origin's slot, then at most one in flight); a worker that dies leaves them to be claimed
@@ -59,6 +62,10 @@ DEFER_MS = 1000  # how long an event of an origin with no room goes back to the 
 PER_ORIGIN_SHARE = 4
 REFILL_AT = 8
 STALLED_S = 1.0
+# While the drain has sends in hand, callbacks go at most at this share of its send rate.
+YIELD_SHARE = 0.1
+YIELD_MIN_RATE = 50.0
+YIELD_BURST_S = 0.1
 # BLPOP timeouts are checked by the server about every 100 ms: shorter waits are local sleeps.
 BLOCK_MIN_S = 0.1
 
@@ -158,7 +165,12 @@ class _Held:
 
 class CallbackSender:
     def __init__(
-        self, settings: Settings, store: Store, ownership: ShardOwnership, secret: str
+        self,
+        settings: Settings,
+        store: Store,
+        ownership: ShardOwnership,
+        secret: str,
+        drain_load: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -179,6 +191,14 @@ class CallbackSender:
         self.task: asyncio.Task[None] | None = None
         self._down = False
         self._stopped = False
+        self._outcomes: list[tuple[str, Event, int]] = []
+        self._outcome_added = asyncio.Event()
+        self._finishing = False
+        self._inflight = 0  # requests in flight (the gauge is set from it per batch written)
+        self.report_task: asyncio.Task[None] | None = None
+        self.drain_load = drain_load
+        self._allowance = 0.0
+        self._paced_at = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -191,6 +211,8 @@ class CallbackSender:
         )
         self.task = asyncio.create_task(self._claim_loop(), name="callbacks-claim")
         self.task.add_done_callback(on_done)
+        self.report_task = asyncio.create_task(self._report_loop(), name="callbacks-report")
+        self.report_task.add_done_callback(on_done)
         return self.task
 
     async def stop(self, grace_s: float) -> None:
@@ -220,6 +242,15 @@ class CallbackSender:
             for task in late:
                 task.cancel()  # its lease runs out and another worker sends it again
             await asyncio.gather(*running, return_exceptions=True)
+        # what is recorded is written before the process goes (its leases would bring it back)
+        self._finishing = True
+        self._outcome_added.set()
+        if self.report_task is not None:
+            done, _ = await asyncio.wait({self.report_task}, timeout=STOP_WAIT_S + 3.0)
+            if not done:
+                self.report_task.cancel()
+                await asyncio.gather(self.report_task, return_exceptions=True)
+        metrics.CALLBACKS_INFLIGHT.set(0)
         if self.session is not None:
             await self.session.close()
         await self.wake_client.aclose()
@@ -355,41 +386,63 @@ class CallbackSender:
         if entry.origin is None:
             # The event outlived the status retention (or a URL from an older version):
             # nothing can be sent; the message's next event may.
-            await self._report("drop", event)
+            self._record("drop", event)
             return
         if event.age_s() > self.settings.callback_max_age:
             metrics.local_callbacks_dropped.inc("max_age")
-            await self._report("drop", event)
+            self._record("drop", event)
             return
         async with self.origins[entry.origin].slots:
             if self.stopping.is_set():
                 entry.started = True
-                await self._report("defer", event, 0)  # back at once, for the next owner
+                self._record("defer", event, 0)  # back at once, for the next owner
                 return
             entry.started = True
+            await self._yield_to_sends()
             status = await self._post(event)
         if status is not None and 200 <= status < 300:
             metrics.local_callbacks_delivered.inc()
             metrics.local_callback_lag.observe(event.age_s())
-            await self._report("ok", event)
+            self._record("ok", event)
         elif status == 410:
             metrics.local_callbacks_dropped.inc("gone")
-            await self._report("drop", event)
+            self._record("drop", event)
         else:
             delay = retry_delay(event.attempts + 1, self.settings.callback_retry_base)
             if event.age_s() + delay > self.settings.callback_max_age:
                 metrics.local_callbacks_dropped.inc("max_age")
-                await self._report("drop", event)
+                self._record("drop", event)
             else:
                 metrics.local_callbacks_retried.inc()
-                await self._report("retry", event, int(delay * 1000))
+                self._record("retry", event, int(delay * 1000))
+
+    async def _yield_to_sends(self) -> None:
+        """While the drain has sends in hand, pace callbacks to a share of its send rate.
+
+        Sends are the gateway's job and callbacks can wait: measured in one worker process, a
+        callback costs about half a send's CPU, and unpaced they took a third of the drain's
+        rate (`bench receipts`). Paced to a tenth of the sends (at least `YIELD_MIN_RATE`/s),
+        they take a twentieth; the outbox holds the rest, which goes at full speed once the
+        drain is idle.
+        """
+        while (load := self.drain_load()) is not None:
+            rate = max(YIELD_MIN_RATE, YIELD_SHARE * load)
+            now = time.monotonic()
+            self._allowance = min(
+                self._allowance + (now - self._paced_at) * rate, max(1.0, rate * YIELD_BURST_S)
+            )
+            self._paced_at = now
+            if self._allowance >= 1.0:
+                self._allowance -= 1.0
+                return
+            await asyncio.sleep((1.0 - self._allowance) / rate)
 
     async def _post(self, event: Event) -> int | None:
         """The receiver's HTTP status, or None when it did not answer in time (or at all)."""
         assert self.session is not None
         body = event.body()
         headers = signing.headers(self.key, event.id, int(time.time()), body)
-        metrics.CALLBACKS_INFLIGHT.inc()
+        self._inflight += 1
         try:
             # Redirects are not followed: they could lead outside the allow list.
             async with self.session.post(
@@ -400,15 +453,40 @@ class CallbackSender:
             log.debug("status callback %s to %s: %r", event.id, event.url, exc)
             return None
         finally:
-            metrics.CALLBACKS_INFLIGHT.dec()
+            self._inflight -= 1
 
-    async def _report(self, kind: str, event: Event, delay_ms: int = 0) -> None:
-        await self._report_many([(kind, event, delay_ms)])
+    def _record(self, kind: str, event: Event, delay_ms: int = 0) -> None:
+        """An event's outcome, written with the others that come meanwhile (`_report_loop`)."""
+        self._outcomes.append((kind, event, delay_ms))
+        self._outcome_added.set()
+
+    async def _report_loop(self) -> None:
+        """Write the outcomes in batches: one `callback_done` call for all that came meanwhile.
+
+        An outcome not written (Redis down, or the process killed) is not lost: its event's
+        lease runs out and the event is claimed again (at least once).
+        """
+        while True:
+            if not self._outcomes:
+                if self._finishing:
+                    return
+                self._outcome_added.clear()
+                await self._outcome_added.wait()
+                continue
+            batch, self._outcomes = self._outcomes, []
+            metrics.CALLBACKS_INFLIGHT.set(self._inflight)
+            try:
+                await self._report_many(batch)
+            except StoreUnavailable as exc:
+                self._redis_down(exc)
+                await asyncio.sleep(0.5)  # outage backoff
 
     async def _report_many(self, outcomes: list[tuple[str, Event, int]]) -> None:
         by_shard: dict[int, list[object]] = {}
         for kind, event, delay_ms in outcomes:
             by_shard.setdefault(event.shard, []).extend((kind, event.id, delay_ms))
-        for shard, args in by_shard.items():
-            with unavailable_on_redis_errors():
-                await self.store.script("callback_done", shard, args)
+        shards = list(by_shard)
+        args: list[object] = []
+        for index, shard in enumerate(shards, start=1):
+            args += [index, len(by_shard[shard]) // 3, *by_shard[shard]]
+        await self.store.script_on("callback_done", shards, args)

@@ -60,6 +60,7 @@ class Senders:
         self.concurrency = concurrency
         self.tolerance = tolerance_s
         self.held = 0  # taken and not yet settled or put back
+        self.sent = 0  # sends answered, since start
         self.waiting: list[tuple[float, int, Taken]] = []  # a heap by start time
         self._order = itertools.count()
         self.ready: asyncio.Queue[Taken] = asyncio.Queue()
@@ -188,6 +189,7 @@ class Senders:
             self.schedule.started(lateness, bool(item.limit))
             metrics.local_start_lateness.observe(max(lateness, 0.0))
         self._returns.sent()
+        self.sent += 1
         self.settler.record(item, answer)
 
     def _returned(self, item: Taken, lateness: float, stage: str) -> None:
