@@ -109,11 +109,12 @@ class Drain:
         self.callbacks: CallbackSender | None = None
         if settings.callback_secret:
             self.callbacks = CallbackSender(
-                settings, store, self.ownership, settings.callback_secret
+                settings, store, self.ownership, settings.callback_secret, self.load
             )
         else:
             log.warning("GATEWAY_CALLBACK_SECRET is unset: this process sends no status callbacks")
         self._stopped = False
+        self._load, self._load_at, self._load_sent = 0.0, time.monotonic(), 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -172,6 +173,17 @@ class Drain:
         await _finish(wake, MAX_WAIT_S + 2.0)
         await self.ownership.leave()
         await self.wake.close()
+
+    def load(self) -> float | None:
+        """Sends per second this process made over the last second while it has sends in hand
+        (taken and not settled); None when it has none: the status callbacks yield to it."""
+        if not self.senders.held:
+            return None
+        now = time.monotonic()
+        if now - self._load_at >= 1.0:
+            self._load = (self.senders.sent - self._load_sent) / (now - self._load_at)
+            self._load_at, self._load_sent = now, self.senders.sent
+        return self._load
 
     # -- taking ----------------------------------------------------------------------------
 
