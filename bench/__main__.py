@@ -21,7 +21,16 @@ from typing import Any
 
 from bench import stack
 
-BENCHMARKS = ("accept", "memory", "drain", "accuracy", "latency", "scale", "receipts")
+BENCHMARKS = (
+    "accept",
+    "memory",
+    "drain",
+    "accuracy",
+    "latency",
+    "scale",
+    "receipts",
+    "recipients",
+)
 
 
 def save(name: str, result: dict[str, Any], *, record: bool = False) -> list[Path]:

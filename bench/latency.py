@@ -45,7 +45,7 @@ async def _measure(base: str, root: str, args: argparse.Namespace) -> list[float
             tag = f"latency-{i}"
             body = {
                 "phone_number_id": pn,
-                "to": "5491140123456",
+                "to": f"549{i:010d}",  # Meta's pair rate never sets the pace
                 "type": "text",
                 "text": {"body": tag},
             }

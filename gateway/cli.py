@@ -130,7 +130,14 @@ def _sandbox(settings: Settings) -> int:
             store = Store.from_settings(settings, settings.redis_url)
             rates = RegistryRates(store)
         statuses = status_config(settings)  # only with GATEWAY_SANDBOX_WEBHOOK_URL
-        runner, url = await start_sandbox(settings.host, settings.port, rates, statuses)
+        runner, url = await start_sandbox(
+            settings.host,
+            settings.port,
+            rates,
+            statuses,
+            pair_interval_s=settings.pair_interval,
+            pair_burst=settings.pair_burst,
+        )
         freeze_startup_objects()
         log.info("sandbox Cloud API at %s (use it as GATEWAY_UPSTREAM_URL)", url)
         stop = asyncio.Event()

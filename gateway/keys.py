@@ -13,7 +13,14 @@ Per shard (`{gw:sN}:` + ...):
     cfg:<pn>        HASH  the phone number: its record and its drain state.
     rl:<pn>         LIST  sliding-window grant times (ms), newest first, at most rate entries.
     retry:<pn>      ZSET  message id -> due time (ms) of a message waiting to be retried.
+    sched:<pn>      ZSET  "<accept sequence>:<message id>" -> send_at (ms) of a scheduled message;
+                          the sequence (15 digits, per number) keeps those due together in
+                          accept order.
     sent:<pn>       HASH  epoch second -> messages sent, for `sent_last_minute`.
+    pr:<pn>:<user>  HASH  a (number, recipient) pair: h the message holding it (in flight, or
+                          waiting for a retry or its pair allowance), t its GCRA theoretical
+                          arrival time (ms); expires when the pair is idle.
+    pk:<pn>:<user>  LIST  message ids parked behind the pair's holder, in lane order.
     idem:<scope>:<key>  STRING  first response of an idempotent send (24 h).
     ready           ZSET  pn -> time (ms) from which the number may send next.
     lease           ZSET  message id -> lease deadline (ms) of messages handed to a worker.
@@ -56,7 +63,10 @@ _SHARD_TEMPLATES: dict[str, str] = {
     "cfg": "cfg:{pn}",
     "window": "rl:{pn}",
     "retry": "retry:{pn}",
+    "sched": "sched:{pn}",
     "sent": "sent:{pn}",
+    "pair": "pr:{pn}:{user}",
+    "parked": "pk:{pn}:{user}",
     "idem": "idem:{scope}:{key}",
     "ready": "ready",
     "lease": "lease",
@@ -104,8 +114,20 @@ def retry(shard: int, pn: str) -> str:
     return f"{prefix(shard)}retry:{pn}"
 
 
+def scheduled(shard: int, pn: str) -> str:
+    return f"{prefix(shard)}sched:{pn}"
+
+
 def sent(shard: int, pn: str) -> str:
     return f"{prefix(shard)}sent:{pn}"
+
+
+def pair(shard: int, pn: str, user: str) -> str:
+    return f"{prefix(shard)}pr:{pn}:{user}"
+
+
+def parked(shard: int, pn: str, user: str) -> str:
+    return f"{prefix(shard)}pk:{pn}:{user}"
 
 
 def ready(shard: int) -> str:
@@ -208,7 +230,10 @@ def _check_templates() -> None:
         "cfg": cfg(0, "1"),
         "window": window(0, "1"),
         "retry": retry(0, "1"),
+        "sched": scheduled(0, "1"),
         "sent": sent(0, "1"),
+        "pair": pair(0, "1", "u"),
+        "parked": parked(0, "1", "u"),
         "ready": ready(0),
         "lease": lease(0),
         "wake": wake(0),

@@ -47,6 +47,14 @@ def status_view(message_id: str, fields: dict[str, str]) -> dict[str, Any]:
     for name, field in _RECEIPT_TIMES:
         if field in fields:
             view[name] = rfc3339(fields[field])
+    # A scheduled send shows its `send_at` for good, and `not_before` while it waits for it;
+    # a message over its pair allowance shows `not_before` while it waits for that (`nb`).
+    if "sd" in fields:
+        view["send_at"] = rfc3339(fields["sd"])
+        if fields["s"] == "scheduled":
+            view["not_before"] = view["send_at"]
+    if "nb" in fields and fields["s"] == "queued":
+        view["not_before"] = rfc3339(fields["nb"])
     return view
 
 
@@ -84,7 +92,7 @@ class Messages:
             raise ApiError(
                 409,
                 "not_cancelable",
-                f"The message is {outcome}; only a queued message can be canceled.",
+                f"The message is {outcome}; only a queued or scheduled message can be canceled.",
             )
         metrics.MESSAGES_FAILED.labels("canceled").inc()
         return {"id": message_id, "status": "canceled"}

@@ -139,7 +139,12 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
                 # Its status webhooks come back to this gateway's own intake (`run` serves it).
                 statuses = status_config(settings, _own_webhook_url(settings, role))
                 sandbox, upstream_url = await start_sandbox(
-                    "127.0.0.1", 0, RegistryRates(store), statuses
+                    "127.0.0.1",
+                    0,
+                    RegistryRates(store),
+                    statuses,
+                    pair_interval_s=settings.pair_interval,
+                    pair_burst=settings.pair_burst,
                 )
                 token = token or SANDBOX_TOKEN
             api = CloudApi(

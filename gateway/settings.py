@@ -159,6 +159,13 @@ class Settings:
     max_backlog: int = _setting(
         1_000_000, "Queued messages allowed per phone number before 429.", int
     )
+    pair_interval: float = _setting(
+        6.0,
+        "Meta's pair rate: one message per this many seconds from a number to one user, with "
+        "bursts (GATEWAY_PAIR_BURST); 0 turns pacing and per-recipient order off.",
+        parse_duration,
+    )
+    pair_burst: int = _setting(45, "Messages a number may send one user in a burst.", int)
     status_retention: float = _setting(
         7 * 86400.0, "How long terminal statuses are kept (e.g. 7d).", parse_duration
     )
@@ -275,6 +282,8 @@ class Settings:
             problems.append("max_attempts must be at least 1")
         if self.max_backlog < 1:
             problems.append("max_backlog must be at least 1")
+        if self.pair_interval < 0 or self.pair_burst < 1:
+            problems.append("pair_interval must not be negative and pair_burst must be at least 1")
         if self.upstream_max_mps is not None and self.upstream_max_mps <= 0:
             problems.append("upstream_max_mps must be positive")
         if not 0 < self.port < 65536:

@@ -71,9 +71,16 @@ class Accepted:
     id: str
     phone_number_id: str
     replayed: bool = False
+    scheduled: bool = False
 
     def body(self) -> dict[str, str]:
-        return {"id": self.id, "status": "queued", "phone_number_id": self.phone_number_id}
+        status = "scheduled" if self.scheduled else "queued"
+        return {"id": self.id, "status": status, "phone_number_id": self.phone_number_id}
+
+
+def accepted_status(message: Outbound) -> str:
+    """The status a send answers with: `scheduled` when it has a `send_at` (a replay too)."""
+    return "scheduled" if message.send_at_ms else "queued"
 
 
 @dataclass(slots=True)
@@ -165,7 +172,10 @@ class Acceptor:
                 continue  # the client went away; the message is queued all the same
             result = outcome[index]
             if isinstance(result, str):
-                done.set_result(Accepted(result, pending[index].message.phone_number_id))
+                message = pending[index].message
+                done.set_result(
+                    Accepted(result, message.phone_number_id, scheduled=bool(message.send_at_ms))
+                )
             else:
                 done.set_exception(result)
 
@@ -178,7 +188,12 @@ class Acceptor:
         outcome, replays = await self._push(_grouped([entry]), idempotency.scope)
         result = outcome[0]
         if isinstance(result, str):
-            return Accepted(result, message.phone_number_id, replayed=0 in replays)
+            return Accepted(
+                result,
+                message.phone_number_id,
+                replayed=0 in replays,
+                scheduled=bool(message.send_at_ms),
+            )
         if result.code != "idempotency_conflict":
             await self._release_keys(idempotency.scope, [entry])
         raise result
@@ -248,10 +263,11 @@ class Acceptor:
             for entry in pending:
                 result = outcome[entry.index]
                 if isinstance(result, str):
+                    status = accepted_status(entry.message)
                     if entry.index in replays:
-                        results[entry.index] = {"id": result, "status": "queued", "replayed": True}
+                        results[entry.index] = {"id": result, "status": status, "replayed": True}
                     else:
-                        results[entry.index] = {"id": result, "status": "queued"}
+                        results[entry.index] = {"id": result, "status": status}
                     total += 1
                 else:
                     results[entry.index] = result.body()
@@ -295,6 +311,8 @@ class Acceptor:
                     entry.key,
                     entry.digest,
                     message.callback_url,
+                    message.send_at_ms,
+                    message.recipient,
                 ]
         reply = await self.store.script_on("push", list(shard_keys), args)
         outcome: dict[int, str | ApiError] = {}

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from gateway.callbacks.urls import CallbackPolicy
+from gateway.clock import parse_rfc3339_ms
 from gateway.errors import ApiError, FieldProblem, invalid_request
 from gateway.registry.model import json_integer, phone_number_id_problem
 
@@ -37,6 +39,8 @@ CATEGORIES = ("marketing", "utility", "authentication", "service")
 PRIORITY_LANES = {"high": "h", "normal": "n", "low": "l"}
 DEFAULT_PRIORITY = {"authentication": "h", "marketing": "l", "utility": "n", "service": "n"}
 MAX_TTL_SECONDS = 2_592_000
+MAX_SCHEDULE_AHEAD_MS = 30 * 86_400_000
+SEND_AT_RULE = "must be an RFC 3339 date-time with an offset, in the future, at most 30 days ahead"
 MAX_REFERENCE = 256
 MAX_OPAQUE = 512
 MAX_IDEMPOTENCY_KEY = 255
@@ -56,6 +60,7 @@ _KNOWN = frozenset(
         "biz_opaque_callback_data",
         "recipient_type",
         "callback_url",
+        "send_at",
     }
 )
 _TO = re.compile(r"\+?[0-9]{7,15}")
@@ -83,6 +88,8 @@ class Outbound:
     ttl_seconds: str  # "" when none
     idempotency_key: str = ""  # a batch message's own key; "" when none
     callback_url: str = ""  # its own, else GATEWAY_CALLBACK_URL; "" when none
+    send_at_ms: str = ""  # when it is scheduled for (epoch ms); "" when it is not
+    recipient: str = ""  # `to` without its "+": the pair Meta's pair rate counts
 
 
 def parse_message(
@@ -196,6 +203,16 @@ def parse_message(
     if recipient_type is not None and not isinstance(recipient_type, str):
         problems.append(FieldProblem(prefix + "recipient_type", "must be a string"))
 
+    send_at = body.get("send_at")
+    send_at_text = ""
+    if send_at is not None:
+        due = parse_rfc3339_ms(send_at) if isinstance(send_at, str) else None
+        now = time.time_ns() // 1_000_000
+        if due is not None and now < due <= now + MAX_SCHEDULE_AHEAD_MS:
+            send_at_text = str(due)
+        else:
+            problems.append(FieldProblem(prefix + "send_at", SEND_AT_RULE))
+
     callback_url = body.get("callback_url")
     if callback_url is None:
         callback_url = callbacks.default if callbacks is not None else ""
@@ -235,6 +252,8 @@ def parse_message(
         ttl_text,
         idempotency_key,
         callback_url,
+        send_at_text,
+        to.lstrip("+"),  # type: ignore[union-attr]
     )
 
 

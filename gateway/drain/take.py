@@ -65,8 +65,10 @@ def take_args(
     retention_s: int,
     start_us: int,
     spacing_us: int,
+    pair_interval_ms: float = 0.0,
+    pair_burst: int = 1,
 ) -> list[Any]:
-    """The ARGV of take.lua, in its order."""
+    """The ARGV of take.lua, in its order (a pair interval of 0: no pacing per recipient)."""
     return [
         budget,
         MAX_NUMBERS_PER_TAKE,
@@ -82,6 +84,8 @@ def take_args(
         MAX_LEAD_MS,
         LOOKAHEAD_MS,
         QUANTUM_MS,
+        pair_interval_ms,
+        pair_burst,
     ]
 
 

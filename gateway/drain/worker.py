@@ -258,6 +258,8 @@ class Drain:
             retention_s=int(self.settings.status_retention),
             start_us=self.clock.to_server_us(start),
             spacing_us=spacing,
+            pair_interval_ms=self.settings.pair_interval * 1000.0,
+            pair_burst=self.settings.pair_burst,
         )
         sent = time.monotonic()
         try:

@@ -188,7 +188,12 @@ class Registry:
         for name, lane in _LANE_FIGURES:
             n = 0
             for lane_list in (lane, lane + "m"):
-                n += int(lengths[lane_list]) - int(record.get(f"d_{lane_list}", 0))
+                # dead entries (d_) are in the lists; parked messages (p_, see lib.lua) are not
+                n += (
+                    int(lengths[lane_list])
+                    - int(record.get(f"d_{lane_list}", 0))
+                    + int(record.get(f"p_{lane_list}", 0))
+                )
             depth[name] = max(n, 0)
         rate = model.rate_in_force(int(record.get("rate", 0)), self.headroom)
         waiting = sum(depth.values()) + retry_waiting

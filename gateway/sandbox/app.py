@@ -20,6 +20,10 @@ from gateway.sandbox.statuses import STATUSES, StatusConfig, StatusWebhooks, sta
 
 RATE_CACHE_S = 1.0
 WINDOW_S = 1.0
+# Meta's pair rate is "about" one message per interval: arrivals may come this share of an
+# interval early (network jitter on paced sends) before 131056.
+PAIR_TOLERANCE = 0.1
+PAIR_MEMORY = 100_000  # pairs remembered before the idle ones are forgotten
 # A token at least this long shows its first characters when masked (Meta's start with `EAA`,
 # which tells a user token from another kind); a shorter one would give too much of itself away.
 MASK_PREFIX_MIN_LENGTH = 20
@@ -76,8 +80,18 @@ class Record(NamedTuple):
 class Sandbox:
     """The state behind the routes: rate windows, faults and recordings."""
 
-    def __init__(self, rates: RateSource, record_limit: int) -> None:
+    def __init__(
+        self,
+        rates: RateSource,
+        record_limit: int,
+        pair_interval_s: float = 0.0,
+        pair_burst: int = 1,
+    ) -> None:
         self.rates = rates
+        # Meta's pair rate (0: not enforced): a GCRA per (number, user), theoretical arrival times
+        self.pair_interval = pair_interval_s
+        self.pair_tau = pair_interval_s * (pair_burst - 1)
+        self.pairs: dict[tuple[str, str], float] = {}
         self.records: deque[tuple[float, str, str, str, bytes]] = deque(maxlen=record_limit)
         # (outcome, phone_number_id) -> records kept: what tests poll, without a pass over all
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -109,6 +123,19 @@ class Sandbox:
         window.append(now)
         return True
 
+    def admit_pair(self, pn: str, to: str, now: float) -> bool:
+        """Count a message to `to` against its pair allowance; False beyond it (131056)."""
+        if self.pair_interval <= 0:
+            return True
+        if len(self.pairs) > PAIR_MEMORY:
+            self.pairs = {pair: tat for pair, tat in self.pairs.items() if tat > now}
+        pair = (pn, to.lstrip("+"))
+        tat = max(self.pairs.get(pair, now), now)
+        if tat - self.pair_tau > now + PAIR_TOLERANCE * self.pair_interval:
+            return False
+        self.pairs[pair] = tat + self.pair_interval
+        return True
+
     def keep(self, record: Record) -> None:
         """Record a request, as a plain tuple of plain values.
 
@@ -130,6 +157,7 @@ class Sandbox:
         self.records.clear()
         self.counts.clear()
         self.windows.clear()
+        self.pairs.clear()
 
     def wamid(self) -> str:
         raw = f"{self.prefix}.{next(self.ids)}".encode()
@@ -200,6 +228,9 @@ async def send_message(request: web.Request) -> web.Response:
     if not sandbox.admit(pn, now, await sandbox.rate_for(pn, now)):
         record("throttled")
         return meta_error(400, 130429)
+    if not sandbox.admit_pair(pn, body["to"], now):
+        record("error:131056")
+        return meta_error(400, 131056)
     record("ok")
     wamid = sandbox.wamid()
     statuses = request.app.get(STATUSES)
@@ -327,10 +358,15 @@ def create_sandbox_app(
     *,
     record_limit: int = 1_000_000,
     statuses: StatusConfig | None = None,
+    pair_interval_s: float = 0.0,
+    pair_burst: int = 1,
 ) -> web.Application:
-    """The sandbox app; with `statuses`, it posts Meta's status webhooks for what it accepts."""
+    """The sandbox app; with `statuses`, it posts Meta's status webhooks for what it accepts.
+
+    With a `pair_interval_s`, it enforces Meta's pair rate (131056 beyond the allowance).
+    """
     app = web.Application()
-    app[SANDBOX] = Sandbox(rates or StaticRates(), record_limit)
+    app[SANDBOX] = Sandbox(rates or StaticRates(), record_limit, pair_interval_s, pair_burst)
     if statuses is not None:
         app[STATUSES] = StatusWebhooks(statuses)
         app.cleanup_ctx.append(status_loop)
@@ -349,10 +385,18 @@ def create_sandbox_app(
 
 
 async def start_sandbox(
-    host: str, port: int, rates: RateSource | None = None, statuses: StatusConfig | None = None
+    host: str,
+    port: int,
+    rates: RateSource | None = None,
+    statuses: StatusConfig | None = None,
+    *,
+    pair_interval_s: float = 0.0,
+    pair_burst: int = 1,
 ) -> tuple[web.AppRunner, str]:
     """Serve the sandbox on host:port (0: a free port); the runner and the upstream base URL."""
-    app = create_sandbox_app(rates, statuses=statuses)
+    app = create_sandbox_app(
+        rates, statuses=statuses, pair_interval_s=pair_interval_s, pair_burst=pair_burst
+    )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)

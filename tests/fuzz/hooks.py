@@ -10,7 +10,8 @@ they fuzz the signature check itself.
 A valid event's `created_at` is set to now before it is signed (see below).
 
 Meta's webhooks (`POST /v1/webhooks/meta`, `X-Hub-Signature-256`) are signed the same way, and
-a valid send's `callback_url` is pointed inside the stack's allow list.
+a valid send's `callback_url` is pointed inside the stack's allow list and its `send_at` an hour
+ahead (it must be in the future, at most 30 days ahead: a rule of time no schema can state).
 
 Loaded by file path (SCHEMATHESIS_HOOKS), so it imports nothing from the project. The secrets are
 GATEWAY_WEBHOOK_SECRET and GATEWAY_META_APP_SECRET of the environment `st` runs in; unset,
@@ -22,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import schemathesis
@@ -55,11 +56,14 @@ def _wire_bytes(case: schemathesis.Case[Any]) -> bytes | None:
 
 
 def _allowed_callbacks(body: Any) -> None:
-    """Point a valid send's (or a batch's messages') `callback_url` inside the allow list."""
+    """Point a valid send's (or a batch's messages') `callback_url` inside the allow list, and
+    its `send_at` an hour ahead."""
     messages = body.get("messages") if isinstance(body, dict) else None
     for message in messages if isinstance(messages, list) else [body]:
         if isinstance(message, dict) and isinstance(message.get("callback_url"), str):
             message["callback_url"] = CALLBACK_URL
+        if isinstance(message, dict) and isinstance(message.get("send_at"), str):
+            message["send_at"] = (datetime.now(tz=UTC) + timedelta(hours=1)).isoformat()
 
 
 def meta_negative_body(case: schemathesis.Case[Any]) -> bool:

@@ -50,9 +50,13 @@ class Sandbox:
 
 
 @asynccontextmanager
-async def running_sandbox(default_rate: int | None = None) -> AsyncIterator[Sandbox]:
+async def running_sandbox(
+    default_rate: int | None = None, pair_interval_s: float = 0.0, pair_burst: int = 1
+) -> AsyncIterator[Sandbox]:
     rates = StaticRates(default=default_rate)
-    runner, url = await start_sandbox("127.0.0.1", 0, rates)
+    runner, url = await start_sandbox(
+        "127.0.0.1", 0, rates, pair_interval_s=pair_interval_s, pair_burst=pair_burst
+    )
     root = url.rsplit("/", 1)[0]
     async with aiohttp.ClientSession() as http:
         try:

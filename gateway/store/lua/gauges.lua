@@ -34,15 +34,17 @@ while g <= #ARGV do
   for i = g + 2, g + 1 + n do
     local pn = ARGV[i]
     local c = redis.call('HMGET', key_cfg(pn), 'status', 'throughput_tier', 'inflight', 'rate',
-                         'd_h', 'd_hm', 'd_n', 'd_nm', 'd_l', 'd_lm')
+                         unpack(DEPTH_FIELDS))
     local status = statuses[c[1] or 'active'] or 2
     local tier = tier_index[c[2] or 'standard'] or 1
     counts[(status - 1) * n_tiers + tier] = counts[(status - 1) * n_tiers + tier] + 1
     inflight = inflight + math.max(tonumber(c[3] or '0'), 0)
     local waiting = 0
     for lane_i, lane in ipairs({'h', 'n', 'l'}) do
+      -- lane lists, plus parked messages (DEPTH_FIELDS p_*), minus dead entries (d_*)
       local queued = redis.call('LLEN', key_lane(pn, lane)) - tonumber(c[4 + lane_i * 2 - 1] or '0')
         + redis.call('LLEN', key_lane(pn, lane .. 'm')) - tonumber(c[4 + lane_i * 2] or '0')
+        + tonumber(c[10 + lane_i * 2 - 1] or '0') + tonumber(c[10 + lane_i * 2] or '0')
       if queued < 0 then queued = 0 end
       local slot = (tier - 1) * 3 + lane_i
       depth[slot] = depth[slot] + queued

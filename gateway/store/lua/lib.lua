@@ -5,7 +5,10 @@
 -- w upstream message id, e error JSON; delivery receipts: da delivered ms, ra read ms, pa played
 -- ms, fa failed ms; status callbacks: cb callback URL (set at accept: the message's own or
 -- GATEWAY_CALLBACK_URL; none: no callbacks), ev events emitted so far, eh the event now on the
--- outbox (absent: none pending).
+-- outbox (absent: none pending); scheduled sends: sd send_at ms, sk its member of `sched:<pn>`.
+
+-- Where the message id starts in a member of `sched:<pn>` (after "<15-digit sequence>:").
+local SCHED_ID_AT = 17
 
 -- The error of a message whose number was deleted before it could be sent.
 local DELETED_ERROR = '{"code":"phone_number_deleted","message":"The phone number was ' ..
@@ -105,31 +108,20 @@ local function apply_held(id, wamid, now, retention)
   end
 end
 
--- Ends a message that is still `queued` (in a lane list or in its retry set) with a terminal
--- status. A message in a lane list stays there as a dead entry, counted in cfg `d_<list>` so
--- queue depths stay right, and is dropped when the drain pops it.
-local function end_queued(id, pn, list, status, now, retention, error_json)
-  local k = key_msg(id)
-  if redis.call('ZREM', key_retry(pn), id) == 0 then
-    redis.call('HINCRBY', key_cfg(pn), 'd_' .. list, 1)
-  end
-  if error_json then
-    redis.call('HSET', k, 's', status, 'ua', now, 'e', error_json)
-  else
-    redis.call('HSET', k, 's', status, 'ua', now)
-  end
-  redis.call('EXPIRE', k, retention)
-  emit_event(id, status, now, retention)
-end
-
 local ALL_LISTS = {'h', 'hm', 'n', 'nm', 'l', 'lm'}
 
--- Queued messages of a number: its lane lists minus their dead entries. `dead` holds the
--- number's d_h, d_hm, d_n, d_nm, d_l, d_lm fields (as HMGET returns them).
-local function depth_of(pn, dead)
+-- The cfg fields `depth_of` reads, in its order: dead entries, then parked messages, per list.
+local DEPTH_FIELDS = {'d_h', 'd_hm', 'd_n', 'd_nm', 'd_l', 'd_lm',
+                      'p_h', 'p_hm', 'p_n', 'p_nm', 'p_l', 'p_lm'}
+
+-- Queued messages of a number: its lane lists plus its parked messages (`pk:<pn>:<user>`, counted
+-- in cfg p_<list>), minus the dead entries of both (d_<list>). `counts` holds the number's
+-- DEPTH_FIELDS (as HMGET returns them).
+local function depth_of(pn, counts)
   local n = 0
   for i, list in ipairs(ALL_LISTS) do
-    n = n + redis.call('LLEN', key_lane(pn, list)) - tonumber(dead[i] or '0')
+    n = n + redis.call('LLEN', key_lane(pn, list)) - tonumber(counts[i] or '0')
+      + tonumber(counts[i + 6] or '0')
   end
   if n < 0 then return 0 end
   return n
@@ -152,3 +144,72 @@ local function mark_ready(pn, at)
   schedule(pn, at)
 end
 
+-- Recipients (API.md "Recipients"). With pacing on, each (number, recipient) pair sends one
+-- message at a time, in lane order: the message being sent, or waiting for a retry or for its
+-- pair allowance, holds the pair (`pr:<pn>:<user>` h); the pair's later messages, popped from
+-- their lane meanwhile, park on `pk:<pn>:<user>` (counted in cfg p_<list>, so queue depths stay
+-- right). When the holder ends, its first parked message goes back to the head of its lane and
+-- holds the pair in turn: no scan, no cost for the number's other recipients.
+-- Lets go of the pair `id` holds, if it holds it (`user` may be false: a message from before).
+local function release_pair(id, pn, user, now, retention)
+  if not user then return end
+  local pk = key_pair(pn, user)
+  local pair = redis.call('HMGET', pk, 'h', 't')
+  if pair[1] ~= id then return end
+  local parked = key_parked(pn, user)
+  local cfg = key_cfg(pn)
+  local deleted = redis.call('HGET', cfg, 'status') == 'deleted'
+  while true do
+    local next_id = redis.call('LPOP', parked)
+    if not next_id then break end
+    local k = key_msg(next_id)
+    local m = redis.call('HMGET', k, 's', 'l', 'c')
+    local list = list_of(m[2] or 'n', m[3])
+    redis.call('HINCRBY', cfg, 'p_' .. list, -1)
+    if m[1] ~= 'queued' then
+      -- ended while parked (canceled, expired): a dead entry, no longer counted
+      if redis.call('HINCRBY', cfg, 'd_' .. list, -1) < 0 then
+        redis.call('HSET', cfg, 'd_' .. list, 0)
+      end
+    elseif deleted then
+      -- nothing drains a deleted number's lanes: its parked messages end here
+      redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', DELETED_ERROR)
+      redis.call('EXPIRE', k, retention)
+      emit_event(next_id, 'failed', now, retention)
+    else
+      redis.call('HSET', pk, 'h', next_id)
+      redis.call('LPUSH', key_lane(pn, list), next_id)
+      mark_ready(pn, now)
+      return
+    end
+  end
+  -- idle: the pair's state lives only until its allowance is whole again
+  local tat = tonumber(pair[2] or '0')
+  if tat > now then
+    redis.call('HDEL', pk, 'h')
+    redis.call('PEXPIRE', pk, math.ceil(tat - now))
+  else
+    redis.call('DEL', pk)
+  end
+end
+
+-- Ends a message that is still `queued` (in a lane list, its retry set or parked) or `scheduled`
+-- with a terminal status. A message in a lane list or parked stays there as a dead entry,
+-- counted in cfg `d_<list>` so queue depths stay right, and is dropped when it is popped.
+local function end_queued(id, pn, list, status, now, retention, error_json)
+  local k = key_msg(id)
+  local m = redis.call('HMGET', k, 's', 'sk', 't')
+  if m[1] == 'scheduled' then
+    redis.call('ZREM', key_sched(pn), m[2])
+  elseif redis.call('ZREM', key_retry(pn), id) == 0 then
+    redis.call('HINCRBY', key_cfg(pn), 'd_' .. list, 1)
+  end
+  if error_json then
+    redis.call('HSET', k, 's', status, 'ua', now, 'e', error_json)
+  else
+    redis.call('HSET', k, 's', status, 'ua', now)
+  end
+  redis.call('EXPIRE', k, retention)
+  emit_event(id, status, now, retention)
+  release_pair(id, pn, m[3], now, retention)
+end

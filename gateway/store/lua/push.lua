@@ -4,7 +4,7 @@
 -- ARGV: max_backlog, idem_scope, idem_ttl_s,
 --       then groups: key index (into KEYS), pn, count,
 --                    count x (id, list, category, payload, reference, ttl_s, idem_key, digest,
---                             callback_url or '')
+--                             callback_url or '', send_at ms or '', recipient)
 -- A message with an idem_key is one of an idempotent send: its record `idem:<scope>:<key>`
 -- ('<digest> <id>') is read and written here, in the same step as the push, so a retry finds
 -- the first attempt's message whenever that attempt landed, even after its answer was lost.
@@ -12,6 +12,10 @@
 -- messages were queued: the first ones in order, fewer than asked when the backlog is full),
 -- tier, n_seen, then n_seen x (position in the group from 0, 'replay' | 'conflict', first id
 -- or ''): messages whose key was already used, which take no room and are not counted.
+-- A message with a send_at still ahead is `scheduled`: kept on the number's `sched` ZSET by that
+-- time (its ttl counting from it), not on a lane, and the number is put on the ready set for
+-- that time so that `take` moves it to its lane then, however idle the number. Scheduled
+-- messages take room in the backlog (they will all be queued), but are not queue depth.
 local now = now_ms()
 local max_backlog = tonumber(ARGV[1])
 local scope = ARGV[2]
@@ -26,7 +30,7 @@ while i <= #ARGV do
   local count = tonumber(ARGV[i + 2])
   i = i + 3
   local number = redis.call('HMGET', key_cfg(pn), 'status', 'throughput_tier', 'quality_rating',
-                            'nx', 'd_h', 'd_hm', 'd_n', 'd_nm', 'd_l', 'd_lm')
+                            'nx', unpack(DEPTH_FIELDS))
   local status = number[1]
   local code, room = 'ok', 0
   if not status then
@@ -34,15 +38,18 @@ while i <= #ARGV do
   elseif status == 'deleted' then
     code = 'deleted'
   else
-    room = max_backlog - depth_of(pn, {number[5], number[6], number[7], number[8],
-                                       number[9], number[10]})
+    local counts = {}
+    for f = 1, #DEPTH_FIELDS do counts[f] = number[4 + f] end
+    room = max_backlog - depth_of(pn, counts)
+           - redis.call('ZCARD', key_sched(pn))
   end
   local accepted = 0
   local seen = {}
   local by_list = {}
   local sendable = false
+  local scheduled, first_due, seq = {}, nil, nil
   for j = 0, count - 1 do
-    local b = i + j * 9
+    local b = i + j * 11
     local idem, prev = nil, nil
     if ARGV[b + 6] ~= '' then
       idem = key_idem(scope, ARGV[b + 6])
@@ -60,29 +67,53 @@ while i <= #ARGV do
       accepted = accepted + 1
       local id, list = ARGV[b], ARGV[b + 1]
       local fields = {'pn', pn, 's', 'queued', 'c', ARGV[b + 2], 'l', string.sub(list, 1, 1),
-                      'p', ARGV[b + 3], 'ca', now}
+                      'p', ARGV[b + 3], 'ca', now, 't', ARGV[b + 10]}
       if ARGV[b + 4] ~= '' then fields[#fields + 1] = 'r'; fields[#fields + 1] = ARGV[b + 4] end
       if ARGV[b + 8] ~= '' then fields[#fields + 1] = 'cb'; fields[#fields + 1] = ARGV[b + 8] end
-      if ARGV[b + 5] ~= '' then
-        fields[#fields + 1] = 'x'; fields[#fields + 1] = now + tonumber(ARGV[b + 5]) * 1000
+      -- ttl_seconds counts from send_at
+      local start = now
+      local due = tonumber(ARGV[b + 9])
+      if due then
+        fields[#fields + 1] = 'sd'; fields[#fields + 1] = due
+        if due > start then start = due end
       end
-      redis.call('HSET', key_msg(id), unpack(fields))
-      local ids = by_list[list]
-      if not ids then ids = {}; by_list[list] = ids end
-      ids[#ids + 1] = id
-      if string.len(list) == 1 or number[3] ~= 'red' then sendable = true end
+      if ARGV[b + 5] ~= '' then
+        fields[#fields + 1] = 'x'; fields[#fields + 1] = start + tonumber(ARGV[b + 5]) * 1000
+      end
+      if due and due > now then
+        if not seq then seq = redis.call('HINCRBY', key_cfg(pn), 'sq', count) - count end
+        local member = string.format('%015.0f', seq + j) .. ':' .. id
+        fields[4] = 'scheduled' -- after 's'
+        fields[#fields + 1] = 'sk'; fields[#fields + 1] = member
+        scheduled[#scheduled + 1] = due
+        scheduled[#scheduled + 1] = member
+        if not first_due or due < first_due then first_due = due end
+        redis.call('HSET', key_msg(id), unpack(fields))
+      else
+        redis.call('HSET', key_msg(id), unpack(fields))
+        local ids = by_list[list]
+        if not ids then ids = {}; by_list[list] = ids end
+        ids[#ids + 1] = id
+        if string.len(list) == 1 or number[3] ~= 'red' then sendable = true end
+      end
       if idem then redis.call('SET', idem, ARGV[b + 7] .. ' ' .. id, 'EX', idem_ttl) end
     end
   end
   for list, ids in pairs(by_list) do
     redis.call('RPUSH', key_lane(pn, list), unpack(ids))
   end
-  if sendable and status == 'active' then
-    schedule(pn, math.max(now, tonumber(number[4] or '0')))
+  if #scheduled > 0 then redis.call('ZADD', key_sched(pn), unpack(scheduled)) end
+  if status == 'active' then
+    local nx = tonumber(number[4] or '0')
+    if sendable then
+      schedule(pn, math.max(now, nx))
+    elseif first_due then
+      schedule(pn, math.max(first_due, nx))
+    end
   end
   out[#out + 1] = code; out[#out + 1] = accepted; out[#out + 1] = number[2] or ''
   out[#out + 1] = #seen / 3
   for _, value in ipairs(seen) do out[#out + 1] = value end
-  i = i + count * 9
+  i = i + count * 11
 end
 return out

@@ -15,6 +15,9 @@
 -- attempt owns the message) and changes nothing.
 -- An op that would put a message back (R, Q, H) while its number is deleted fails it with
 -- phone_number_deleted instead: nothing drains a deleted number's queue.
+-- A message that ends (sent, failed, expired) lets go of its (number, recipient) pair
+-- (lib.lua, release_pair); one waiting for a retry or put back keeps holding it, so the
+-- recipient's later messages stay behind it.
 -- Returns one code per op: 0 stale, 1 done, 2 ended `expired` instead of waiting for a retry,
 -- 3 failed because the number was deleted.
 local now = now_ms()
@@ -61,7 +64,7 @@ end
 
 local function settle_one(kind, id, fence, a, b)
   local k = key_msg(id)
-  local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a', 'cb')
+  local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a', 'cb', 't')
   -- m[8], the callback URL: only a message with one has events (emit_event's own reads are
   -- then spared for every other message)
   if m[1] ~= 'sending' or m[2] ~= fence then
@@ -76,6 +79,7 @@ local function settle_one(kind, id, fence, a, b)
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', DELETED_ERROR)
       redis.call('EXPIRE', k, retention)
       if m[8] then emit_event(id, 'failed', now, retention) end
+      release_pair(id, pn, m[9], now, retention)
       code = 3
     elseif kind == 'S' then
       redis.call('HSET', k, 's', 'sent', 'sa', now, 'ua', now, 'w', a)
@@ -89,16 +93,19 @@ local function settle_one(kind, id, fence, a, b)
         redis.call('SET', key_wamid(a), id, 'EX', retention)
         apply_held(id, a, now, retention)
       end
+      release_pair(id, pn, m[9], now, retention)
     elseif kind == 'F' then
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', a)
       redis.call('EXPIRE', k, retention)
       if m[8] then emit_event(id, 'failed', now, retention) end
+      release_pair(id, pn, m[9], now, retention)
     elseif kind == 'R' then
       local due = now + tonumber(a)
       if m[6] and tonumber(m[6]) <= due then
         redis.call('HSET', k, 's', 'expired', 'ua', now, 'e', b)
         redis.call('EXPIRE', k, retention)
         if m[8] then emit_event(id, 'expired', now, retention) end
+        release_pair(id, pn, m[9], now, retention)
         code = 2
       else
         redis.call('HSET', k, 's', 'queued', 'ua', now, 'e', b)

@@ -7,7 +7,8 @@
 --       min_chunk, headroom, unlimited_chunk, retention_s,
 --       start_us (when the worker can start the first of them, on this server's clock;
 --                 0 = now), spacing_us (how far apart it can start them), max_lead_ms,
---       lookahead_ms, quantum_ms
+--       lookahead_ms, quantum_ms, pair_interval_ms (0 = no pair pacing nor per-recipient
+--       order), pair_burst
 -- Returns {now_ms, expired, tiers of the numbers whose window was full (comma-separated),
 --          n_groups, lapsed messages failed because their number was deleted, base_us (the first
 --          slot), slots (how many slots were used),
@@ -33,6 +34,11 @@
 -- up to `lookahead_ms` after its first slot; the number is taken again that much before its next
 -- slot frees. Grants are also paced: about limit * pace_ms / 1000 per take (at least
 -- min_chunk), up to twice that to catch up after a late take.
+--
+-- Recipients (lib.lua, release_pair): a popped message whose recipient is held by another
+-- parks behind it; one over its pair allowance (a GCRA on its stamp: interval, burst) waits on
+-- the retry set until `nb`, holding its pair. Neither takes a slot of the number's rate, and
+-- the take goes on with the number's next message, so other recipients never wait.
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = now_us / 1000
@@ -50,6 +56,10 @@ local spacing_us = tonumber(ARGV[11])
 local max_lead_us = tonumber(ARGV[12]) * 1000
 local lookahead = tonumber(ARGV[13])
 local quantum = tonumber(ARGV[14])
+local pair_interval = tonumber(ARGV[15] or '0')
+local pair_tau = pair_interval * (tonumber(ARGV[16] or '1') - 1)
+-- parks per number per take at most: a long run of one recipient's messages costs a few takes
+local MAX_PARKED = 256
 -- The first stamp: when the worker asked for, never in the past, never far ahead.
 local base_us = math.max(tonumber(ARGV[10]), now_us)
 if base_us > now_us + max_lead_us then base_us = now_us + max_lead_us end
@@ -66,7 +76,7 @@ local function take_back_lapsed(lease)
   for _, id in ipairs(lapsed) do
     redis.call('ZREM', lease, id)
     local k = key_msg(id)
-    local m = redis.call('HMGET', k, 's', 'pn', 'l', 'c', 'f')
+    local m = redis.call('HMGET', k, 's', 'pn', 'l', 'c', 'f', 't')
     if m[1] == 'sending' then
       redis.call('HINCRBY', key_cfg(m[2]), 'inflight', -1)
       if redis.call('HGET', key_cfg(m[2]), 'status') == 'deleted' then
@@ -75,6 +85,7 @@ local function take_back_lapsed(lease)
                    'e', DELETED_ERROR)
         redis.call('EXPIRE', k, retention)
         emit_event(id, 'failed', now_i, retention)
+        release_pair(id, m[2], m[6], now_i, retention)
         deleted = deleted + 1
       else
         redis.call('HSET', k, 's', 'queued', 'f', tonumber(m[5]) + 1, 'ua', now_i)
@@ -165,6 +176,21 @@ local function take_due(ready, lease)
         if m[1] then redis.call('LPUSH', key_lane(pn, list_of(m[1], m[2])), id) end
         redis.call('ZREM', retry, id)
       end
+      -- Scheduled messages whose send_at has come (by this number's first slot: nothing is
+      -- sent before its stamp) join the tail of their lane, those due together in accept order
+      -- (the members sort by it). One range read per due number, as for retries.
+      local sched = key_sched(pn)
+      local released = redis.call('ZRANGEBYSCORE', sched, '-inf', first, 'LIMIT', 0, 256)
+      for _, member in ipairs(released) do
+        local id = string.sub(member, SCHED_ID_AT)
+        local k = key_msg(id)
+        local m = redis.call('HMGET', k, 's', 'l', 'c')
+        if m[1] == 'scheduled' then
+          redis.call('HSET', k, 's', 'queued', 'ua', now_i)
+          redis.call('RPUSH', key_lane(pn, list_of(m[2], m[3])), id)
+        end
+      end
+      if #released > 0 then redis.call('ZREM', sched, unpack(released)) end
 
       local rate = tonumber(c[3] or '0')
       local limit = 0
@@ -181,17 +207,51 @@ local function take_due(ready, lease)
       end
 
       local items, written = {}, {}
-      local granted = 0
-      while granted < want do
+      local granted, parked = 0, 0
+      while granted < want and parked < MAX_PARKED do
         local id, list = pop_next(pn, hold_marketing)
         if not id then break end
         local k = key_msg(id)
-        local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca')
-        if m[1] == 'queued' then
+        local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca', 't', 'nb')
+        local waits = false
+        if m[1] == 'queued' and not (m[2] and tonumber(m[2]) <= now) and pair_interval > 0
+            and m[7] then
+          -- its recipient: busy with another message, or over its pair allowance at its stamp?
+          local pk = key_pair(pn, m[7])
+          local pair = redis.call('HMGET', pk, 'h', 't')
+          if pair[1] and pair[1] ~= id then
+            redis.call('RPUSH', key_parked(pn, m[7]), id)
+            redis.call('HINCRBY', cfg, 'p_' .. list, 1)
+            parked = parked + 1
+            waits = true
+          else
+            -- the stamp it would get
+            local at = first + granted * spacing_us / 1000
+            if limit > 0 then at = stamps[granted + 1] end
+            local tat = math.max(tonumber(pair[2] or '0'), at)
+            if tat - pair_tau > at then
+              local not_before = math.ceil(tat - pair_tau)
+              redis.call('HSET', pk, 'h', id)
+              if not pair[1] then redis.call('PERSIST', pk) end
+              redis.call('ZADD', retry, not_before, id)
+              redis.call('HSET', k, 'nb', not_before, 'ua', now_i)
+              waits = true
+            else
+              redis.call('HSET', pk, 'h', id, 't', ms(tat + pair_interval))
+              -- held, it must not expire (idle, it did: see release_pair)
+              if not pair[1] then redis.call('PERSIST', pk) end
+              if m[8] then redis.call('HDEL', k, 'nb') end
+            end
+          end
+        end
+        if waits then
+          -- parked, or paced on the retry set: no slot of the number's rate spent
+        elseif m[1] == 'queued' then
           if m[2] and tonumber(m[2]) <= now then
             redis.call('HSET', k, 's', 'expired', 'ua', now_i)
             redis.call('EXPIRE', k, retention)
             emit_event(id, 'expired', now_i, retention)
+            release_pair(id, pn, m[7], now_i, retention)
             expired = expired + 1
           else
             local fence = tonumber(m[3] or '0') + 1
@@ -259,8 +319,13 @@ local function take_due(ready, lease)
           next_at = now
         end
       else
+        -- nothing to send now: due again at its first retry or scheduled send
         local first_retry = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
         if first_retry[2] then next_at = tonumber(first_retry[2]) end
+        local first_sched = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
+        if first_sched[2] and (not next_at or tonumber(first_sched[2]) < next_at) then
+          next_at = tonumber(first_sched[2])
+        end
       end
       if next_at then
         redis.call('ZADD', ready, ms(next_at), pn)
