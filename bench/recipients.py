@@ -2,9 +2,8 @@
 
 In one run, one `gateway worker` process drains a backlog on one `unlimited` number (only the
 drain itself sets the pace), every message to a recipient of its own:
-1. with pair pacing on (the default, 6 s and a burst of 45) and off (`GATEWAY_PAIR_INTERVAL=0`,
-   which also turns per-recipient order off), alternately, twice each: drain rate on ÷ off
-   (target ≥ 0.95);
+1. with pair pacing on (the default, 6 s and a burst of 45) and off (`GATEWAY_PAIR_INTERVAL=0`;
+   per-recipient order stays on), alternately, twice each: drain rate on ÷ off (target ≥ 0.95);
 2. CPU per message (worker + Redis) with the backlog spread over as many recipients as messages
    (100,000 by default) against the same backlog over 100 recipients, pacing on with a 1 ms
    interval so that order is kept but the allowance never makes a message wait: the pair state

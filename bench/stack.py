@@ -161,11 +161,13 @@ def redis_server(cpus: set[int] | None = None) -> Iterator[str]:
 
 @contextlib.contextmanager
 def sandbox(cpus: set[int] | None = None) -> Iterator[str]:
-    """A `gateway sandbox` without rate enforcement (it records arrivals); yields its root."""
+    """A `gateway sandbox` without rate enforcement (it records arrivals); yields its root.
+
+    Meta's pair rule is off in it too: the gateway's own pacing is what a benchmark measures.
+    """
     port = free_port()
-    process = Process(
-        [gateway_bin(), "sandbox"], clean_env(GATEWAY_PORT=str(port), GATEWAY_LOG_LEVEL="WARNING")
-    )
+    env = clean_env(GATEWAY_PORT=str(port), GATEWAY_LOG_LEVEL="WARNING", GATEWAY_PAIR_INTERVAL="0")
+    process = Process([gateway_bin(), "sandbox"], env)
     pin(process.pid, cpus)
     root = f"http://127.0.0.1:{port}"
     try:

@@ -162,10 +162,16 @@ class Settings:
     pair_interval: float = _setting(
         6.0,
         "Meta's pair rate: one message per this many seconds from a number to one user, with "
-        "bursts (GATEWAY_PAIR_BURST); 0 turns pacing and per-recipient order off.",
+        "bursts (GATEWAY_PAIR_BURST); 0 turns pacing off (see GATEWAY_RECIPIENT_ORDER).",
         parse_duration,
     )
     pair_burst: int = _setting(45, "Messages a number may send one user in a burst.", int)
+    recipient_order: bool = _setting(
+        True,
+        "One message at a time per (number, recipient), in accept order; false only with "
+        "GATEWAY_PAIR_INTERVAL=0 (pacing keeps order), e.g. for a load test to one handset.",
+        parse_bool,
+    )
     status_retention: float = _setting(
         7 * 86400.0, "How long terminal statuses are kept (e.g. 7d).", parse_duration
     )

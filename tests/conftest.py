@@ -61,6 +61,7 @@ def make_settings(redis_url: str, data_dir: Path, **changes: Any) -> Settings:
         # Meta's pair rate paces one recipient at 1 per 6 s: the tests that send many messages
         # to one recipient are about other things (tests/integration/test_recipients.py sets it)
         pair_interval=0.0,
+        recipient_order=False,
     )
     return dataclasses.replace(base, **changes).validate()
 

@@ -67,8 +67,10 @@ def take_args(
     spacing_us: int,
     pair_interval_ms: float = 0.0,
     pair_burst: int = 1,
+    recipient_order: bool = False,
 ) -> list[Any]:
-    """The ARGV of take.lua, in its order (a pair interval of 0: no pacing per recipient)."""
+    """The ARGV of take.lua, in its order (a pair interval of 0: no pacing per recipient;
+    pacing keeps per-recipient order whatever `recipient_order` says)."""
     return [
         budget,
         MAX_NUMBERS_PER_TAKE,
@@ -86,6 +88,7 @@ def take_args(
         QUANTUM_MS,
         pair_interval_ms,
         pair_burst,
+        1 if recipient_order else 0,
     ]
 
 

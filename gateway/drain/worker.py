@@ -260,6 +260,7 @@ class Drain:
             spacing_us=spacing,
             pair_interval_ms=self.settings.pair_interval * 1000.0,
             pair_burst=self.settings.pair_burst,
+            recipient_order=self.settings.recipient_order,
         )
         sent = time.monotonic()
         try:

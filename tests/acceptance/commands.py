@@ -24,8 +24,10 @@ def gateway_bin() -> str:
 def clean_env(**settings: str) -> dict[str, str]:
     """The environment without any GATEWAY_* of the caller, plus `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PROMETHEUS_"))}
-    # Meta's pair rate paces one recipient at 1 per 6 s: off unless a test asks for it
+    # Meta's pair rate paces one recipient at 1 per 6 s, and order sends it one message at a
+    # time: both off unless a test asks for them
     env.setdefault("GATEWAY_PAIR_INTERVAL", "0")
+    env.setdefault("GATEWAY_RECIPIENT_ORDER", "false")
     env.update(settings)
     return env
 

@@ -7,6 +7,7 @@ The sandbox answers 131056 beyond a pair's allowance, as Meta does. Intervals ar
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,26 @@ async def test_pacing_off_sends_them_at_once_and_meta_refuses_the_excess(
     async with running_drain(drain_settings(settings, sandbox, pair_interval=0.0), store):
         await eventually(lambda: all_sent(client, ids), 20.0, "every message sent")
     assert "error:131056" in await outcomes(sandbox)
+
+
+async def test_order_holds_with_pacing_off(
+    client: TestClient[Any, Any], settings: Settings, store: Store
+) -> None:
+    """GATEWAY_PAIR_INTERVAL=0 turns pacing off, not order (API.md): one at a time, in order."""
+    await register(client, PN)
+    labels = [f"one {i}" for i in range(12)]
+    ids = await batch(client, [to(ONE, label) for label in labels])
+    async with running_sandbox() as box:  # Meta's pair rule off: only order can hold them
+        # slow answers: sent together, the requests would all arrive before the first answer
+        await box.faults(latency_ms=100)
+        ordered = drain_settings(settings, box, pair_interval=0.0, recipient_order=True)
+        async with running_drain(ordered, store):
+            await eventually(lambda: all_sent(client, ids), 30.0, "every message sent")
+        arrivals = await ok_texts(box, ONE)
+    assert [text for _, text in arrivals] == labels
+    # one at a time: each request came after the previous one's answer
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(arrivals)]
+    assert min(gaps) >= 0.09, gaps
 
 
 async def test_order_holds_through_a_transient_error_and_its_retry(

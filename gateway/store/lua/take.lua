@@ -7,8 +7,8 @@
 --       min_chunk, headroom, unlimited_chunk, retention_s,
 --       start_us (when the worker can start the first of them, on this server's clock;
 --                 0 = now), spacing_us (how far apart it can start them), max_lead_ms,
---       lookahead_ms, quantum_ms, pair_interval_ms (0 = no pair pacing nor per-recipient
---       order), pair_burst
+--       lookahead_ms, quantum_ms, pair_interval_ms (0 = no pair pacing), pair_burst,
+--       recipient_order (1: one message at a time per recipient, in order; pacing implies it)
 -- Returns {now_ms, expired, tiers of the numbers whose window was full (comma-separated),
 --          n_groups, lapsed messages failed because their number was deleted, base_us (the first
 --          slot), slots (how many slots were used),
@@ -58,6 +58,7 @@ local lookahead = tonumber(ARGV[13])
 local quantum = tonumber(ARGV[14])
 local pair_interval = tonumber(ARGV[15] or '0')
 local pair_tau = pair_interval * (tonumber(ARGV[16] or '1') - 1)
+local in_order = pair_interval > 0 or ARGV[17] == '1'
 -- parks per number per take at most: a long run of one recipient's messages costs a few takes
 local MAX_PARKED = 256
 -- The first stamp: when the worker asked for, never in the past, never far ahead.
@@ -214,8 +215,7 @@ local function take_due(ready, lease)
         local k = key_msg(id)
         local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca', 't', 'nb')
         local waits = false
-        if m[1] == 'queued' and not (m[2] and tonumber(m[2]) <= now) and pair_interval > 0
-            and m[7] then
+        if m[1] == 'queued' and not (m[2] and tonumber(m[2]) <= now) and in_order and m[7] then
           -- its recipient: busy with another message, or over its pair allowance at its stamp?
           local pk = key_pair(pn, m[7])
           local pair = redis.call('HMGET', pk, 'h', 't')
@@ -224,6 +224,9 @@ local function take_due(ready, lease)
             redis.call('HINCRBY', cfg, 'p_' .. list, 1)
             parked = parked + 1
             waits = true
+          elseif pair_interval <= 0 then
+            -- order only: it holds its recipient until it ends
+            redis.call('HSET', pk, 'h', id)
           else
             -- the stamp it would get
             local at = first + granted * spacing_us / 1000
