@@ -66,6 +66,7 @@ STALLED_S = 1.0
 YIELD_SHARE = 0.1
 YIELD_MIN_RATE = 50.0
 YIELD_BURST_S = 0.1
+ORIGINS_CACHED = 1024  # callback URLs whose origin is remembered
 # BLPOP timeouts are checked by the server about every 100 ms: shorter waits are local sleeps.
 BLOCK_MIN_S = 0.1
 
@@ -197,6 +198,7 @@ class CallbackSender:
         self._inflight = 0  # requests in flight (the gauge is set from it per batch written)
         self.report_task: asyncio.Task[None] | None = None
         self.drain_load = drain_load
+        self._origins_seen: dict[str, urls.Origin | None] = {}
         self._allowance = 0.0
         self._paced_at = time.monotonic()
 
@@ -344,10 +346,10 @@ class CallbackSender:
         """Start handling a claimed event; False when its origin has no room for it."""
         if event.id in self.held:
             return True  # still ours from an earlier claim (its lease ran out while it waited)
-        parsed = urls.parse(event.url)
         origin: urls.Origin | None = None
-        if event.status and not isinstance(parsed, str):
-            origin = parsed.origin
+        if event.status:
+            origin = self._origin_of(event.url)
+        if origin is not None:
             state = self.origins.get(origin)
             if state is None:
                 state = self.origins[origin] = _Origin(asyncio.Semaphore(self.concurrency))
@@ -358,6 +360,16 @@ class CallbackSender:
         self.held[event.id] = entry
         entry.task = asyncio.create_task(self._handle(entry), name=f"callback-{event.id}")
         return True
+
+    def _origin_of(self, url: str) -> urls.Origin | None:
+        """The receiver origin of a callback URL (None: not one), parsed once per URL: most
+        events of a gateway go to a handful of URLs."""
+        if url not in self._origins_seen:
+            if len(self._origins_seen) >= ORIGINS_CACHED:
+                self._origins_seen.clear()
+            parsed = urls.parse(url)
+            self._origins_seen[url] = None if isinstance(parsed, str) else parsed.origin
+        return self._origins_seen[url]
 
     # -- one event -------------------------------------------------------------------------
 
