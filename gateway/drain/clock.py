@@ -11,7 +11,8 @@ second, more than two NTP-disciplined clocks drift) when no sample renews them.
 So a server time maps to a local interval, `[local_earliest, local_latest]`, that surely holds
 it. A send is written no earlier than `local_latest` of its stamp (never before the stamp,
 whatever the reply latencies were) and put back if it could not start by `local_earliest` plus
-the tolerance (never later than the tolerance after it). At start, on a busy host, the first
+the tolerance (never later than the tolerance after it), or by half the tolerance after
+`local_latest` when the bracket is wider than half the tolerance (see `gateway.drain.senders`). At start, on a busy host, the first
 samples may carry milliseconds of queueing: the bracket is wide, sends have less room, and a
 few more are put back until it narrows. (Mapping with `high` alone, as this module once did,
 sent up to the bracket's width early: a worker started on a loaded host put one send too many
