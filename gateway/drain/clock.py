@@ -12,11 +12,10 @@ So a server time maps to a local interval, `[local_earliest, local_latest]`, tha
 it. A send is written no earlier than `local_latest` of its stamp (never before the stamp,
 whatever the reply latencies were) and put back if it could not start by `local_earliest` plus
 the tolerance (never later than the tolerance after it), or by half the tolerance after
-`local_latest` when the bracket is wider than half the tolerance (see `gateway.drain.senders`). At start, on a busy host, the first
-samples may carry milliseconds of queueing: the bracket is wide, sends have less room, and a
-few more are put back until it narrows. (Mapping with `high` alone, as this module once did,
-sent up to the bracket's width early: a worker started on a loaded host put one send too many
-into a sliding second now and then.)
+`local_latest` while the bracket is wider than half the tolerance (`gateway.drain.senders`):
+at start, on a busy process, the first samples may carry milliseconds of queueing. (Mapping
+with `high` alone, as this module once did, sent up to the bracket's width early: a worker
+started on a loaded host put one send too many into a sliding second now and then.)
 
 A sample outside the bracket means a clock stepped (or drifted faster than the creep): the
 bracket restarts from that sample, with a warning.
