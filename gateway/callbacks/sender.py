@@ -12,17 +12,18 @@ holds a send back.
   every 100 ms per process. The second-long cap also covers a token lost with a Redis restart.
 - sends first: while the drain has sends in hand, callbacks are paced to a tenth of its send
   rate (`_yield_to_sends`); when it is idle they go as fast as the receivers answer.
-- per event: a task that waits for its receiver origin's semaphore (`GATEWAY_CALLBACK_CONCURRENCY`
-  requests per origin) and posts it. An origin already holding twice that many events gets no
-  more: they go back to the outbox for a second (`defer`, no attempt counted, one call for all
-  of a claim's), so one origin's backlog never fills what this process holds and the events of
-  other origins, due before them, keep flowing.
+- per receiver origin: a queue of the events held for it and up to
+  `GATEWAY_CALLBACK_CONCURRENCY` sender coroutines that post them one after another; a sender
+  stops when its queue is empty. An origin already holding `PER_ORIGIN_SHARE` times that many
+  events gets no more: they go back to the outbox for a second (`defer`, no attempt counted,
+  one call for all of a claim's), so one origin's backlog never fills what this process holds
+  and the events of other origins, due before them, keep flowing.
 - outcomes: written in batches, one `callback_done` call for all that came while the last was
   being written (2xx: done, and the message's next event goes on the outbox; 410 or too old:
   dropped; anything else: retried with backoff).
 
 A claim leases events for two callback timeouts and 5 s (an event waits at most one timeout for
-its origin's slot, then at most one in flight); a worker that dies leaves them to be claimed
+a sender of its origin, then at most one in flight); a worker that dies leaves them to be claimed
 again when that runs out. So delivery is at least once: only events in flight at a crash or a
 Redis failover can arrive twice, with the same `webhook-id`.
 """
@@ -34,6 +35,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -149,19 +151,14 @@ def retry_delay(attempts: int, base_s: float) -> float:
 
 @dataclass
 class _Origin:
-    slots: asyncio.Semaphore
-    held: int = 0
+    """A receiver origin's share of this process: its queue and its sender coroutines."""
+
+    waiting: deque[Event] = field(default_factory=deque)
+    senders: int = 0  # sender coroutines running for it
+    held: int = 0  # its events held: waiting or in flight
     # when it last finished an event (or was first seen): an origin that finishes nothing for
     # a while is stalled, and no longer sizes the claims
     progressed: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Held:
-    event: Event
-    origin: urls.Origin | None  # None: nothing to send (the event is dropped)
-    started: bool = False
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class CallbackSender:
@@ -185,7 +182,8 @@ class CallbackSender:
         self.concurrency = settings.callback_concurrency
         self.per_origin = PER_ORIGIN_SHARE * self.concurrency
         self.origins: dict[urls.Origin, _Origin] = {}
-        self.held: dict[str, _Held] = {}
+        self.held: set[str] = set()  # ids of the events held: waiting for a sender or in flight
+        self.senders: set[asyncio.Task[None]] = set()
         self.room = asyncio.Event()
         self.stopping = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
@@ -231,14 +229,13 @@ class CallbackSender:
             if not done:
                 self.task.cancel()
                 await asyncio.gather(self.task, return_exceptions=True)
-        # Events still waiting for a slot go back at once, for whichever worker is next.
-        waiting = [h for h in self.held.values() if not h.started]
-        for entry in waiting:
-            if entry.task is not None:
-                entry.task.cancel()
+        # Events still waiting for a sender go back at once, for whichever worker is next.
+        waiting = [event for state in self.origins.values() for event in state.waiting]
+        for state in self.origins.values():
+            state.waiting.clear()
         with contextlib.suppress(StoreUnavailable):
-            await self._report_many([("defer", h.event, 0) for h in waiting])
-        running = [h.task for h in self.held.values() if h.task is not None and not h.task.done()]
+            await self._report_many([("defer", event, 0) for event in waiting])
+        running = [task for task in self.senders if not task.done()]
         if running:
             _, late = await asyncio.wait(running, timeout=grace_s)
             for task in late:
@@ -346,19 +343,25 @@ class CallbackSender:
         """Start handling a claimed event; False when its origin has no room for it."""
         if event.id in self.held:
             return True  # still ours from an earlier claim (its lease ran out while it waited)
-        origin: urls.Origin | None = None
-        if event.status:
-            origin = self._origin_of(event.url)
-        if origin is not None:
-            state = self.origins.get(origin)
-            if state is None:
-                state = self.origins[origin] = _Origin(asyncio.Semaphore(self.concurrency))
-            if state.held >= self.per_origin:
-                return False
-            state.held += 1
-        entry = _Held(event, origin)
-        self.held[event.id] = entry
-        entry.task = asyncio.create_task(self._handle(entry), name=f"callback-{event.id}")
+        origin = self._origin_of(event.url) if event.status else None
+        if origin is None:
+            # The event outlived the status retention (or a URL from an older version):
+            # nothing can be sent; the message's next event may.
+            self._record("drop", event)
+            return True
+        state = self.origins.get(origin)
+        if state is None:
+            state = self.origins[origin] = _Origin()
+        if state.held >= self.per_origin:
+            return False
+        state.held += 1
+        self.held.add(event.id)
+        state.waiting.append(event)
+        if state.senders < self.concurrency:
+            state.senders += 1
+            task = asyncio.create_task(self._serve(origin, state), name=f"callbacks-{origin}")
+            self.senders.add(task)
+            task.add_done_callback(self.senders.discard)
         return True
 
     def _origin_of(self, url: str) -> urls.Origin | None:
@@ -371,47 +374,42 @@ class CallbackSender:
             self._origins_seen[url] = None if isinstance(parsed, str) else parsed.origin
         return self._origins_seen[url]
 
-    # -- one event -------------------------------------------------------------------------
+    # -- one receiver origin ---------------------------------------------------------------
 
-    async def _handle(self, entry: _Held) -> None:
-        event = entry.event
+    async def _serve(self, origin: urls.Origin, state: _Origin) -> None:
+        """One of an origin's senders: post its waiting events one by one until none is left.
+
+        A coroutine per origin slot rather than a task per event: at thousands of callbacks a
+        second, creating and scheduling a task for each cost as much as posting it.
+        """
         try:
-            await self._handle_event(entry)
-        except asyncio.CancelledError:
-            raise
-        except StoreUnavailable as exc:  # the outcome is lost; the lease brings the event back
-            self._redis_down(exc)
-        except Exception:  # a loop boundary: one event's bug must not end the sender
-            log.exception("status callback %s failed unexpectedly", event.id)
+            while state.waiting and not self.stopping.is_set():
+                event = state.waiting.popleft()
+                try:
+                    await self._handle(event)
+                except asyncio.CancelledError:
+                    raise
+                except StoreUnavailable as exc:  # the outcome is lost; the lease brings it back
+                    self._redis_down(exc)
+                except Exception:  # a loop boundary: one event's bug must not end the sender
+                    log.exception("status callback %s failed unexpectedly", event.id)
+                finally:
+                    self.held.discard(event.id)
+                    state.held -= 1
+                    state.progressed = time.monotonic()
+                    self.room.set()
         finally:
-            del self.held[event.id]
-            if entry.origin is not None:
-                state = self.origins[entry.origin]
-                state.held -= 1
-                state.progressed = time.monotonic()
-                if state.held == 0:
-                    del self.origins[entry.origin]
-            self.room.set()
+            state.senders -= 1
+            if state.senders == 0 and state.held == 0 and self.origins.get(origin) is state:
+                del self.origins[origin]
 
-    async def _handle_event(self, entry: _Held) -> None:
-        event = entry.event
-        if entry.origin is None:
-            # The event outlived the status retention (or a URL from an older version):
-            # nothing can be sent; the message's next event may.
-            self._record("drop", event)
-            return
+    async def _handle(self, event: Event) -> None:
         if event.age_s() > self.settings.callback_max_age:
             metrics.local_callbacks_dropped.inc("max_age")
             self._record("drop", event)
             return
-        async with self.origins[entry.origin].slots:
-            if self.stopping.is_set():
-                entry.started = True
-                self._record("defer", event, 0)  # back at once, for the next owner
-                return
-            entry.started = True
-            await self._yield_to_sends()
-            status = await self._post(event)
+        await self._yield_to_sends()
+        status = await self._post(event)
         if status is not None and 200 <= status < 300:
             metrics.local_callbacks_delivered.inc()
             metrics.local_callback_lag.observe(event.age_s())
