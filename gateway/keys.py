@@ -26,6 +26,8 @@ Per shard (`{gw:sN}:` + ...):
     lease           ZSET  message id -> lease deadline (ms) of messages handed to a worker.
     wake            LIST  at most one token: "something in this shard became ready".
     owner           STRING  id of the worker process draining this shard (short lease).
+    successor       STRING  id of a worker that asked for this shard: its owner hands it over
+                            at its next renewal (short lease).
     members         ZSET  (shard 0 only) worker id -> heartbeat deadline (ms), server clock.
     w:<wamid>       STRING  the id of the message Meta knows as <wamid> (shard of its number);
                             kept as long as the message's status.
@@ -72,6 +74,7 @@ _SHARD_TEMPLATES: dict[str, str] = {
     "lease": "lease",
     "wake": "wake",
     "owner": "owner",
+    "successor": "successor",
     "members": "members",
     "wamid": "w:{wamid}",
     "held": "wh:{wamid}",
@@ -144,6 +147,10 @@ def wake(shard: int) -> str:
 
 def owner(shard: int) -> str:
     return f"{prefix(shard)}owner"
+
+
+def successor(shard: int) -> str:
+    return f"{prefix(shard)}successor"
 
 
 def members() -> str:
@@ -238,6 +245,7 @@ def _check_templates() -> None:
         "lease": lease(0),
         "wake": wake(0),
         "owner": owner(0),
+        "successor": successor(0),
         "members": members(),
         "wamid": wamid(0, "w"),
         "held": held(0, "w"),

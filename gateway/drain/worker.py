@@ -154,10 +154,14 @@ class Drain:
         if self._stopped:
             return
         self._stopped = True
+        ownership, take, settle, wake = self.tasks[:4]
+        if not ownership.done() and not take.done():
+            # Drain on while the other workers take the shards over: their numbers see no
+            # pause (`ShardOwnership.hand_over`).
+            await self.ownership.hand_over()
         self.stopping.set()
         self._warming.cancel()
         grace = self.settings.shutdown_grace if grace_s is None else grace_s
-        ownership, take, settle, wake = self.tasks[:4]
         # The take loop notices `stopping` within one wait; a take in progress completes, so
         # nothing it was handed is left leased without a sender.
         await _finish(take, MAX_WAIT_S + 2.0)

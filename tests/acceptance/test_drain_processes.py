@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway import keys
 from gateway.accept.service import Acceptor
 from gateway.messages import Messages
 from gateway.registry import Registry
@@ -222,10 +223,13 @@ async def test_a_killed_worker_loses_nothing(
     ids = await queue(store, pn, 1500)
     await upstream.put("faults", {"latency_ms": 400})  # many sends in flight at once
     settings = {"GATEWAY_LEASE_SECONDS": "2", "GATEWAY_WORKER_CONCURRENCY": "200"}
-    doomed = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
-    survivor = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
+    first = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
+    second = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
+    survivor = second
     try:
         await shards_shared(store, 2)
+        # the doomed one is the worker draining the number's shard
+        doomed, survivor = (first, second) if await drains(first, store, pn) else (second, first)
         await registry.patch(pn, {"status": "active"})
         await asyncio.sleep(1.0)
         doomed.kill_tree()
@@ -242,6 +246,19 @@ async def test_a_killed_worker_loses_nothing(
     duplicated = {body for body, n in arrivals.items() if n > 1}
     in_flight_bodies = {f"{pn}-{ids.index(m)}" for m in in_flight}
     assert duplicated <= in_flight_bodies
+
+
+async def drains(command: Command, store: Store, pn: str) -> bool:
+    """Whether a worker process of `command` owns the shard of `pn`."""
+    owner = await store.redis.get(keys.owner(keys.shard_of(pn, store.shards)))
+    assert owner is not None and command.process is not None
+    pid = int(owner.decode().split(":")[1])  # a worker's id is host:pid
+    return command.process.pid in (pid, parent_pid(pid))
+
+
+def parent_pid(pid: int) -> int:
+    # /proc/<pid>/stat: "pid (name) state ppid ..."; the name may hold spaces
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 async def _sending(store: Store, ids: list[str]) -> set[str]:

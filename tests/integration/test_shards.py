@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from gateway import keys
 from gateway.drain.shards import ShardOwnership
 from gateway.store import Store
+from tests.integration.drain_support import eventually
 
 
 async def test_two_workers_share_every_shard_once(store: Store) -> None:
@@ -27,3 +31,72 @@ async def test_a_leaving_worker_gives_its_shards_back(store: Store) -> None:
     assert first.owned == frozenset()
     await second.refresh()
     assert second.owned == frozenset(range(store.shards))
+
+
+async def owners(store: Store) -> list[bytes | None]:
+    names = [keys.owner(shard) for shard in range(store.shards)]
+    return list(await store.redis.mget(names))
+
+
+async def test_a_joining_worker_is_handed_shards_and_none_is_ever_unowned(store: Store) -> None:
+    first, second = ShardOwnership(store, "w1"), ShardOwnership(store, "w2")
+    await first.refresh()
+    await second.refresh()  # joins: nothing is free, so it asks for half of the first's
+    assert second.owned == frozenset()
+    assert len(second.wanted) == store.shards // 2
+    assert await owners(store) == [b"w1"] * store.shards  # the first drains them meanwhile
+    await first.refresh()  # hands the asked-for half over
+    assert first.owned == frozenset(range(store.shards)) - second.wanted
+    assert set(await owners(store)) == {b"w1", b"w2"}
+    await second.refresh()
+    assert second.owned | first.owned == frozenset(range(store.shards))
+    assert len(second.owned) == len(first.owned) == store.shards // 2
+    assert second.wanted == frozenset()
+
+
+async def test_a_stopping_worker_hands_every_shard_over(store: Store) -> None:
+    stopping = asyncio.Event()
+    first, second = ShardOwnership(store, "w1"), ShardOwnership(store, "w2")
+    loops = [asyncio.create_task(w.run(stopping)) for w in (first, second)]
+    unowned: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            unowned.extend(s for s, owner in enumerate(await owners(store)) if owner is None)
+            await asyncio.sleep(0.002)
+
+    try:
+
+        async def shared() -> bool:
+            return len(first.owned) == len(second.owned) == store.shards // 2
+
+        await eventually(shared, 10.0, "two workers sharing the shards")
+        watcher = asyncio.create_task(watch())
+        await first.hand_over()
+        watcher.cancel()
+        assert first.owned == frozenset()
+        assert await owners(store) == [b"w2"] * store.shards
+        await eventually(lambda: _holds_all(second, store), 5.0, "the other worker draining all")
+        assert unowned == [], "a shard was left without an owner during the handover"
+    finally:
+        stopping.set()
+        await asyncio.gather(*loops)
+
+
+async def test_a_last_worker_stopping_does_not_wait_for_a_successor(store: Store) -> None:
+    stopping = asyncio.Event()
+    alone = ShardOwnership(store, "w1")
+    loop = asyncio.create_task(alone.run(stopping))
+    try:
+        await eventually(lambda: _holds_all(alone, store), 10.0, "the worker holding every shard")
+        # returns as soon as its first renewal as a leaving worker finds nobody else
+        await asyncio.wait_for(alone.hand_over(within_s=60.0), 5.0)
+        await alone.leave()
+        assert await owners(store) == [None] * store.shards
+    finally:
+        stopping.set()
+        await loop
+
+
+async def _holds_all(ownership: ShardOwnership, store: Store) -> bool:
+    return ownership.owned == frozenset(range(store.shards))
