@@ -30,6 +30,8 @@ BENCHMARKS = (
     "scale",
     "receipts",
     "recipients",
+    "redis-cost",
+    "handover",
 )
 
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="name", required=True)
     subs = []
     for name in BENCHMARKS:
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"bench.{name.replace('-', '_')}")
         sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(sub)
         subs.append(sub)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     names = BENCHMARKS if args.name == "all" else (args.name,)
     met = True
     for name in names:
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"bench.{name.replace('-', '_')}")
         if args.name == "all":
             sub_parser = argparse.ArgumentParser()
             module.add_arguments(sub_parser)
