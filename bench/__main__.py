@@ -32,6 +32,7 @@ BENCHMARKS = (
     "recipients",
     "redis-cost",
     "handover",
+    "durability",
 )
 
 

@@ -123,12 +123,15 @@ def clean_env(**settings: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def redis_server(cpus: set[int] | None = None) -> Iterator[str]:
+def redis_server(
+    cpus: set[int] | None = None, binary: str | None = None, extra: tuple[str, ...] = ()
+) -> Iterator[str]:
+    """A private server (no persistence unless `extra` asks: later options win)."""
     port = free_port()
     directory = tempfile.mkdtemp(prefix="bench-redis-")
     process = Process(
         [
-            find_server(),
+            binary or find_server(),
             "--port",
             str(port),
             "--bind",
@@ -140,6 +143,7 @@ def redis_server(cpus: set[int] | None = None) -> Iterator[str]:
             "--dir",
             directory,
             *RECOMMENDED_REDIS_ARGS,
+            *extra,
         ]
     )
     pin(process.pid, cpus)

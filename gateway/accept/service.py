@@ -160,8 +160,9 @@ class Acceptor:
 
     async def _push_waiting(self, entries: list[tuple[Outbound, asyncio.Future[Accepted]]]) -> None:
         pending = [_Pending(index, message) for index, (message, _) in enumerate(entries)]
+        failed: dict[int, Exception] = {}
         try:
-            outcome, _ = await self._push(_grouped(pending), "")
+            outcome, _ = await self._push(_grouped(pending), "", failed)
         except Exception as exc:  # handed to every waiting request (StoreUnavailable, mostly)
             for _, done in entries:
                 if not done.done():
@@ -170,6 +171,9 @@ class Acceptor:
         for index, (_, done) in enumerate(entries):
             if done.done():
                 continue  # the client went away; the message is queued all the same
+            if index in failed:  # its Redis Cluster node failed; the others' sends stand
+                done.set_exception(failed[index])
+                continue
             result = outcome[index]
             if isinstance(result, str):
                 message = pending[index].message
@@ -277,26 +281,31 @@ class Acceptor:
             await self._release_keys(scope, release)
         return {"accepted": total, "rejected": len(messages) - total, "results": results}
 
-    async def _push(self, groups: Groups, scope: str) -> Outcome:
+    async def _push(
+        self, groups: Groups, scope: str, failed: dict[int, Exception] | None = None
+    ) -> Outcome:
         """Queue the messages of every group (a number's messages) in one `push` call.
 
         One call covers every shard involved: on the single Redis node the gateway runs on,
         a call per shard costs a round trip and ~40 µs of client CPU each, which made a batch
-        or a burst of single sends spread over many shards several times slower. Keys stay
-        hash-tagged by shard, so splitting this call per shard is all a cluster would need.
-        Returns each message's outcome by its index (see `Outcome`).
+        or a burst of single sends spread over many shards several times slower. On a Redis
+        Cluster it is one call per node (`Store.script_per_node`). Returns each message's
+        outcome by its index (see `Outcome`). When a cluster node fails, its messages' error
+        goes in `failed` by index if given (coalesced single sends are each their own request),
+        else it is raised (a batch is one request: its answer is `503`, the outcome unknown).
         """
         shard_count = self.store.shards
         group_shards = [keys.shard_of(pn, shard_count) for pn in groups]
         fresh = iter(
             ids.ids_for([s for s, g in zip(group_shards, groups.values(), strict=True) for _ in g])
         )
-        shard_keys: dict[int, int] = {}
         message_ids: dict[int, str] = {}
-        args: list[Any] = [self.max_backlog, scope, IDEMPOTENCY_TTL_S]
+        by_shard: dict[int, list[Any]] = {}
+        numbers: dict[int, list[str]] = {}
         for shard, (pn, group) in zip(group_shards, groups.items(), strict=True):
-            key_index = shard_keys.setdefault(shard, len(shard_keys) + 1)
-            args += [key_index, pn, len(group)]
+            numbers.setdefault(shard, []).append(pn)
+            args = by_shard.setdefault(shard, [])
+            args += [pn, len(group)]
             for entry in group:
                 message_id = next(fresh)
                 message_ids[entry.index] = message_id
@@ -314,11 +323,38 @@ class Acceptor:
                     message.send_at_ms,
                     message.recipient,
                 ]
-        reply = await self.store.script_on("push", list(shard_keys), args)
+
+        def args_for(part: list[int]) -> list[Any]:
+            args: list[Any] = [self.max_backlog, scope, IDEMPOTENCY_TTL_S]
+            for key_index, shard in enumerate(part, start=1):
+                group_args = by_shard[shard]
+                at = 0
+                while at < len(group_args):  # pn, count, count x 11 values
+                    end = at + 2 + 11 * group_args[at + 1]
+                    args.append(key_index)
+                    args += group_args[at:end]
+                    at = end
+            return args
+
+        # A reply has a run of values per number, in its call's order: by shard, then number.
+        reply: list[Any] = []
+        order: list[str] = []
+        for part, part_reply in await self.store.script_per_node(
+            "push", list(by_shard), args_for, durable=True
+        ):
+            if isinstance(part_reply, Exception):
+                if failed is None:
+                    raise part_reply
+                for pn in (pn for shard in part for pn in numbers[shard]):
+                    failed.update(dict.fromkeys((e.index for e in groups[pn]), part_reply))
+                continue
+            reply += part_reply
+            order += [pn for shard in part for pn in numbers[shard]]
         outcome: dict[int, str | ApiError] = {}
         replays: set[int] = set()
         at = 0
-        for pn, group in groups.items():
+        for pn in order:
+            group = groups[pn]
             code, accepted, tier = reply[at].decode(), int(reply[at + 1]), reply[at + 2].decode()
             seen = {
                 int(reply[b]): (reply[b + 1], reply[b + 2])

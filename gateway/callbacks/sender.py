@@ -41,15 +41,15 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
-from redis.asyncio import Redis
 
 from gateway import keys, metrics
 from gateway.callbacks import signing, urls
 from gateway.clock import rfc3339
 from gateway.drain.shards import ShardOwnership
+from gateway.drain.wake import WakeTokens
 from gateway.errors import StoreUnavailable
 from gateway.settings import Settings
-from gateway.store import Store, as_text, connect, unavailable_on_redis_errors
+from gateway.store import Store, as_text, unavailable_on_redis_errors
 
 log = logging.getLogger("gateway.callbacks")
 
@@ -175,8 +175,8 @@ class CallbackSender:
         self.ownership = ownership
         self.key = signing.secret_key(secret)
         assert settings.redis_url is not None
-        self.wake_client: Redis = connect(
-            settings.redis_url, max_connections=2, socket_timeout=MAX_WAIT_S + 2
+        self.wake_tokens = WakeTokens(
+            settings.redis_url, keys.cbwake, self._redis_down, settings.shards
         )
         self.lease_ms = int((2 * settings.callback_timeout + 5.0) * 1000)
         self.concurrency = settings.callback_concurrency
@@ -252,8 +252,7 @@ class CallbackSender:
         metrics.CALLBACKS_INFLIGHT.set(0)
         if self.session is not None:
             await self.session.close()
-        await self.wake_client.aclose()
-        await self.wake_client.connection_pool.disconnect()
+        await self.wake_tokens.close()
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -267,17 +266,33 @@ class CallbackSender:
                 await self._wait_for_room()
                 continue
             random.shuffle(owned)  # the budget may run out before the last shard
+            # One claim per Redis node (on a cluster; one in all on one node), each with its
+            # share of the budget; a node that failed leaves its events for later.
+            share: list[object] = [-(-budget // len(self.store.node_parts(owned))), self.lease_ms]
+
+            def claim_args(_: list[int], share: list[object] = share) -> list[object]:
+                return share
+
             try:
                 with unavailable_on_redis_errors():
-                    reply = await self.store.script_on(
-                        "callback_claim", owned, [budget, self.lease_ms]
+                    parts = await self.store.script_per_node(
+                        "callback_claim", owned, claim_args, patient=False
                     )
+                failed = [reply for _, reply in parts if isinstance(reply, Exception)]
+                if len(failed) == len(parts):
+                    raise failed[0]
             except StoreUnavailable as exc:
                 self._redis_down(exc)
                 await asyncio.sleep(0.5)  # outage backoff
                 continue
-            self._redis_up()
-            now, soonest, events = parse_claim(owned, reply)
+            if failed:
+                self._redis_down(failed[0])
+            else:
+                self._redis_up()
+            claims = [parse_claim(p, r) for p, r in parts if not isinstance(r, Exception)]
+            now = max(claim[0] for claim in claims)
+            soonest = min((claim[1] for claim in claims if claim[1] >= 0), default=-1)
+            events = [event for claim in claims for event in claim[2]]
             self.room.clear()
             deferred = [("defer", e, DEFER_MS) for e in events if not self._take(e)]
             if deferred:
@@ -322,8 +337,7 @@ class CallbackSender:
             await asyncio.sleep(wait_s)
             return
         try:
-            with unavailable_on_redis_errors():
-                await self.wake_client.blpop([keys.cbwake(s) for s in owned], timeout=wait_s)
+            await self.wake_tokens.wait_any(owned, wait_s)
         except StoreUnavailable as exc:
             self._redis_down(exc)
             await asyncio.sleep(0.5)
@@ -495,8 +509,14 @@ class CallbackSender:
         by_shard: dict[int, list[object]] = {}
         for kind, event, delay_ms in outcomes:
             by_shard.setdefault(event.shard, []).extend((kind, event.id, delay_ms))
-        shards = list(by_shard)
-        args: list[object] = []
-        for index, shard in enumerate(shards, start=1):
-            args += [index, len(by_shard[shard]) // 3, *by_shard[shard]]
-        await self.store.script_on("callback_done", shards, args)
+
+        def args_for(part: list[int]) -> list[object]:
+            args: list[object] = []
+            for index, shard in enumerate(part, start=1):
+                args += [index, len(by_shard[shard]) // 3, *by_shard[shard]]
+            return args
+
+        # one call per Redis node; a node that failed fails the report (leases bring it back)
+        for _, reply in await self.store.script_per_node("callback_done", list(by_shard), args_for):
+            if isinstance(reply, Exception):
+                raise reply

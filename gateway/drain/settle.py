@@ -188,26 +188,40 @@ class Settler:
         by_shard: dict[int, list[Op]] = defaultdict(list)
         for op in batch:
             by_shard[int(op.id.split("-", 1)[0])].append(op)
-        shards = list(by_shard)
-        args: list[Any] = [int(self.settings.status_retention)]
-        ordered: list[Op] = []
-        for index, shard in enumerate(shards, start=1):
-            ops = by_shard[shard]
+        for shard, ops in by_shard.items():
             # Messages put back go to the head of their lane one LPUSH at a time: the last one
             # pushed ends up first, so push them in the reverse of the order they were taken.
             back = [op for op in ops if op.kind in ("Q", "H")]
-            ops = [op for op in ops if op.kind not in ("Q", "H")] + back[::-1]
-            args += [index, len(ops)]
-            for op in ops:
-                args += [op.kind, op.id, op.fence, op.a, op.b]
-            ordered += ops
+            by_shard[shard] = [op for op in ops if op.kind not in ("Q", "H")] + back[::-1]
+
+        def args_for(part: list[int]) -> list[Any]:
+            args: list[Any] = [int(self.settings.status_retention)]
+            for index, shard in enumerate(part, start=1):
+                args += [index, len(by_shard[shard])]
+                for op in by_shard[shard]:
+                    args += [op.kind, op.id, op.fence, op.a, op.b]
+            return args
+
+        # One call per Redis node (one in all on a single node); a part whose node failed is
+        # sent again, alone, until it is taken.
+        ordered: list[Op] = []
+        codes: list[Any] = []
+        pending = list(by_shard)
         delay = 0.1
-        while True:
+        while pending:
             try:
-                codes = await self.store.script_on("settle", shards, args)
-                break
+                replies = await self.store.script_per_node("settle", pending, args_for)
             except StoreUnavailable as exc:
-                self.outage.failed(exc)
+                replies = [(pending, exc)]
+            pending = []
+            for part, reply in replies:
+                if isinstance(reply, Exception):
+                    self.outage.failed(reply)
+                    pending += part
+                    continue
+                ordered += [op for shard in part for op in by_shard[shard]]
+                codes += reply
+            if pending:
                 await asyncio.sleep(delay)  # outage backoff
                 delay = min(delay * 2, 2.0)
         self.outage.answered()

@@ -57,10 +57,17 @@ class ShardOwnership:
 
     async def _claim(self, shards: list[int], mode: str) -> list[object]:
         """Per shard of `shards` (in order) the `claim` script's reply: held (1 or 0), or the
-        owner for 'peek'."""
+        owner for 'peek'. A cluster node that failed answers None for its shards."""
         if not shards:
             return []
-        return list(await self.store.script_on("claim", shards, [self.worker_id, LEASE_MS, mode]))
+        args = [self.worker_id, LEASE_MS, mode]
+        found: dict[int, object] = {}
+        claims = await self.store.script_per_node("claim", shards, lambda _: args, patient=False)
+        for part, replies in claims:
+            if isinstance(replies, BaseException):
+                continue  # a cluster node that failed: its shards are not held for now
+            found.update(zip(part, replies, strict=True))
+        return [found.get(shard) for shard in shards]
 
     async def _held(self, shards: list[int], mode: str) -> set[int]:
         replies = await self._claim(shards, mode)
@@ -99,8 +106,15 @@ class ShardOwnership:
             rest = {s: o for s, o in owners.items() if s not in wanted and o != self.worker_id}
             wanted += self._to_ask(rest, set(alive), target, need - len(wanted))
             held |= await self._held(wanted, "want")
+        await self._withdraw(self.wanted - set(wanted) - held)
         self.wanted = frozenset(wanted) - held
         self._set(frozenset(held))
+
+    async def _withdraw(self, shards: frozenset[int] | set[int]) -> None:
+        """Stop asking for `shards`: left standing, an old ask would have their owner hand them
+        over later to a worker that no longer needs them (and then ask back)."""
+        if shards:
+            await self._claim(sorted(shards), "unwant")
 
     @staticmethod
     def _to_ask(owners: dict[int, object], alive: set[str], target: int, need: int) -> list[int]:
@@ -187,6 +201,9 @@ class ShardOwnership:
         """Leave the member list and keep draining until the other workers have taken every
         shard, or `within_s` passed, or no other worker is alive (then `leave` frees them).
         The run loop does the renewals that hand the shards over."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._withdraw(self.wanted)
+        self.wanted = frozenset()
         if not self.owned:
             return
         self.leaving = True

@@ -135,3 +135,58 @@ def parse_take(shards: list[int], reply: list[Any], clock: ServerClock | None = 
     return TakeReply(
         now_ms, next_due, items, expired, rate_limited, deleted, int(reply[5]), int(reply[6])
     )
+
+
+class NodeShares:
+    """How a take split over Redis Cluster nodes shares its budget and its slots.
+
+    One take per node (each script runs on one node), at once. Each node gets a contiguous run
+    of the take's slots, sized by what its shards were granted lately (plus one), so a node
+    with a backlog gets nearly all of the worker's starts and an idle one costs a slot. (Equal
+    shares capped a 1,000/s number at a third of the worker's start rate when two other nodes
+    had a little due.) On one node it is the plain take: the whole budget from the start.
+    """
+
+    def __init__(self) -> None:
+        self.recent: dict[int, float] = {}  # shard -> grants per take, smoothed
+
+    def plan(self, parts: list[list[int]], budget: int) -> dict[int, tuple[int, int]]:
+        """First shard of each part -> (its budget, its first slot after the take's start)."""
+        if len(parts) == 1:
+            return {parts[0][0]: (budget, 0)}
+        weights = [1.0 + sum(self.recent.get(s, 0.0) for s in part) for part in parts]
+        total = sum(weights)
+        plan: dict[int, tuple[int, int]] = {}
+        offset = 0
+        for part, weight in zip(parts, weights, strict=True):
+            share = max(1, round(budget * weight / total))
+            plan[part[0]] = (share, offset)
+            offset += share
+        return plan
+
+    def learn(self, shards: list[int], items: list[Taken]) -> None:
+        granted = dict.fromkeys(shards, 0)
+        for item in items:
+            granted[item.shard] = granted.get(item.shard, 0) + 1
+        for shard, count in granted.items():
+            self.recent[shard] = 0.5 * self.recent.get(shard, 0.0) + 0.5 * count
+
+
+def merge_takes(parts: list[TakeReply], spacing_us: int) -> TakeReply:
+    """One reply from the takes of several cluster nodes (see `NodeShares`): their items and
+    due times together, and the slots from the first one used to the last one used by any."""
+    if len(parts) == 1:
+        return parts[0]
+    used = [p for p in parts if p.slots] or parts[:1]
+    base_us = min(p.base_us for p in used)
+    end_us = max(p.base_us + p.slots * spacing_us for p in used)
+    return TakeReply(
+        now_ms=max(p.now_ms for p in parts),
+        next_due_ms={s: d for p in parts for s, d in p.next_due_ms.items()},
+        items=[item for p in parts for item in p.items],
+        expired=sum(p.expired for p in parts),
+        rate_limited_tiers=[t for p in parts for t in p.rate_limited_tiers],
+        deleted=sum(p.deleted for p in parts),
+        base_us=base_us,
+        slots=-(-(end_us - base_us) // spacing_us) if spacing_us else sum(p.slots for p in used),
+    )

@@ -43,7 +43,7 @@ from gateway.drain.schedule import SendSchedule
 from gateway.drain.senders import Senders
 from gateway.drain.settle import Settler
 from gateway.drain.shards import ShardOwnership
-from gateway.drain.take import parse_take, take_args
+from gateway.drain.take import NodeShares, TakeReply, merge_takes, parse_take, take_args
 from gateway.drain.upstream import CloudApi
 from gateway.drain.wake import MAX_WAIT_S, WakeListener
 from gateway.errors import StoreUnavailable
@@ -89,7 +89,7 @@ class Drain:
         self.ownership = ShardOwnership(store, self.worker_id)
         assert settings.redis_url is not None
         self.outage = RedisOutage()
-        self.wake = WakeListener(settings.redis_url, self.outage)
+        self.wake = WakeListener(settings.redis_url, self.outage, settings.shards)
         self.clock = ServerClock()
         tolerance = settings.rate_slack * TOLERANCE_SHARE
         self.schedule = SendSchedule(tolerance, settings.upstream_max_mps)
@@ -102,6 +102,7 @@ class Drain:
             tolerance_s=tolerance,
         )
         self.refill_at = max(1, min(64, settings.worker_concurrency // 8))
+        self.node_shares = NodeShares()
         self.window_ms = 1000.0 + settings.rate_slack * 1000.0
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -254,29 +255,48 @@ class Drain:
         budget = self.schedule.budget(free)
         start = self.schedule.next_start(time.monotonic(), self.clock.lead)
         spacing = self.schedule.spacing_us()
-        args = take_args(
-            self.window_ms,
-            budget=budget,
-            lease_ms=int(self.settings.lease_seconds * 1000),
-            headroom=self.settings.rate_headroom,
-            retention_s=int(self.settings.status_retention),
-            start_us=self.clock.to_server_us(start),
-            spacing_us=spacing,
-            pair_interval_ms=self.settings.pair_interval * 1000.0,
-            pair_burst=self.settings.pair_burst,
-            recipient_order=self.settings.recipient_order,
-        )
+        # On a Redis Cluster one take per node, each with its share of the budget and slots
+        # (`NodeShares`); on one node the plain take.
+        plan = self.node_shares.plan(self.store.node_parts(shards), budget)
+
+        def args(part: list[int]) -> list[Any]:
+            share, offset = plan.get(part[0], (1, 0))
+            return take_args(
+                self.window_ms,
+                budget=share,
+                lease_ms=int(self.settings.lease_seconds * 1000),
+                headroom=self.settings.rate_headroom,
+                retention_s=int(self.settings.status_retention),
+                start_us=self.clock.to_server_us(start) + offset * spacing,
+                spacing_us=spacing,
+                pair_interval_ms=self.settings.pair_interval * 1000.0,
+                pair_burst=self.settings.pair_burst,
+                recipient_order=self.settings.recipient_order,
+            )
+
         sent = time.monotonic()
         try:
-            reply = await self.store.script_on("take", shards, args)
+            replies = await self.store.script_per_node("take", shards, args)
         except StoreUnavailable as exc:
-            self.outage.failed(exc)
+            replies = [(shards, exc)]
+        received = time.monotonic()
+        parts: list[TakeReply] = []
+        failed: list[int] = []
+        for part, reply in replies:
+            if isinstance(reply, Exception):
+                self.outage.failed(reply)
+                failed += part
+                continue
+            self.clock.observe(sent, float(reply[0]), received)
+            parts.append(parse_take(part, reply, self.clock))
+        if not parts:
             await asyncio.sleep(0.2)  # outage backoff, not a polling sleep on the normal path
             return dict.fromkeys(shards, time.monotonic())
-        received = time.monotonic()
-        self.outage.answered()
-        self.clock.observe(sent, float(reply[0]), received)
-        taken = parse_take(shards, reply, self.clock)
+        if not failed:
+            self.outage.answered()
+        taken = merge_takes(parts, spacing)
+        if self.store.cluster is not None:
+            self.node_shares.learn(shards, taken.items)
         if taken.expired:
             metrics.local_failed.inc("expired", amount=taken.expired)
         if taken.deleted:
@@ -288,7 +308,10 @@ class Drain:
             self.schedule.scheduled(slots_end, taken.slots, budget, free)
         if taken.items:
             self.senders.add(taken.items)
-        return {
+        due = {
             shard: float("inf") if due_ms < 0 else self.clock.local_earliest(int(due_ms * 1000))
             for shard, due_ms in taken.next_due_ms.items()
         }
+        if failed:  # a cluster node that failed: its shards are tried again after a backoff
+            due.update(dict.fromkeys(failed, time.monotonic() + 0.2))
+        return due

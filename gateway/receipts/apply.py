@@ -88,7 +88,7 @@ class Receipts:
         retry of the whole webhook is harmless, since every status is applied by precedence.
         """
         calls = [
-            self.store.script("receipts", shard, args)
+            self.store.script("receipts", shard, args, durable=True)
             for shard, args in self._shard_args(envelope).items()
         ]
         replies = await asyncio.gather(*calls, return_exceptions=True)

@@ -16,18 +16,22 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.errors import StoreUnavailable
-from gateway.settings import Settings
-from gateway.store.scripts import Scripts
+from gateway import keys
+from gateway.errors import ConfigError, StoreUnavailable
+from gateway.settings import Settings, is_cluster_url
+from gateway.store.cluster import ClusterScripts, connect_cluster
+from gateway.store.durability import Durability
+from gateway.store.scripts import NAMES, Scripts, source
 
 log = logging.getLogger("gateway.store")
 
@@ -40,6 +44,9 @@ _UNAVAILABLE = (
     redis_errors.ReadOnlyError,
     redis_errors.MasterDownError,
     redis_errors.TryAgainError,
+    # a cluster between maps (a node failed, a failover under way, the map unreadable)
+    redis_errors.ClusterError,
+    redis_errors.RedisClusterException,
     ConnectionError,
     TimeoutError,
     OSError,
@@ -106,7 +113,19 @@ def connect(
     socket_timeout: float = 0.75,
     **extra: Any,
 ) -> Redis:
-    """A client for `url` (redis://, rediss://, unix://, with password) with short timeouts."""
+    """A client for `url` (redis://, rediss://, unix://, with password) with short timeouts.
+
+    For `redis+cluster://` (`rediss+cluster://`) it is redis-py's cluster client
+    (`gateway.store.cluster`), which answers the same commands for single keys; typed as
+    `Redis` so that the code using plain commands is the same for both.
+    """
+    if is_cluster_url(url):
+        return cast(
+            Redis,
+            connect_cluster(
+                url, max_connections=max_connections, socket_timeout=socket_timeout, **extra
+            ),
+        )
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -127,21 +146,95 @@ class Store:
 
     def __init__(self, client: Redis, settings: Settings) -> None:
         self.redis = client
-        self.scripts = Scripts(client)
         self.shards = settings.shards
         self.settings = settings
+        # On a cluster every script call goes through `cluster` (one call per node).
+        self.cluster: ClusterScripts | None = None
+        if isinstance(client, RedisCluster):
+            self.cluster = ClusterScripts(client, {name: source(name) for name in NAMES})
+        self.scripts = Scripts(client)
+        # What a 202 waits for; the waits run on a client of their own (`from_settings`).
+        self.durability = Durability(settings.ack_durability, settings.ack_timeout)
+        self.durable: Redis | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, url: str, **extra: Any) -> Store:
-        return cls(connect(url, **extra), settings)
+        store = cls(connect(url, **extra), settings)
+        if store.durability.waits:
+            if store.cluster is not None:
+                raise ConfigError(
+                    f"GATEWAY_ACK_DURABILITY={settings.ack_durability} is not supported on a "
+                    "Redis Cluster yet"
+                )
+            store.durable = connect(url, socket_timeout=settings.ack_timeout + 1.0, **extra)
+        return store
 
-    async def script(self, name: str, shard: int, args: list[Any]) -> Any:
+    async def script(self, name: str, shard: int, args: list[Any], *, durable: bool = False) -> Any:
+        """Run a script for one shard; `durable`: and wait for `GATEWAY_ACK_DURABILITY`."""
+        if self.cluster is not None:
+            return await self._one_node(name, [shard], args)
         with unavailable_on_redis_errors():
+            if durable and self.durable is not None:
+                script = self.scripts.get(name)
+                return await self.durability.run(self.durable, script, [keys.prefix(shard)], args)
             return await self.scripts.run(name, shard, args)
 
     async def script_on(self, name: str, shards: list[int], args: list[Any]) -> Any:
+        """One call of a script for several shards' prefixes: on a cluster, only for shards
+        of one node (those `script_per_node` hands out); spanning nodes is a bug there."""
+        if self.cluster is not None:
+            return await self._one_node(name, shards, args)
         with unavailable_on_redis_errors():
             return await self.scripts.run_on(name, shards, args)
+
+    async def script_per_node(
+        self,
+        name: str,
+        shards: list[int],
+        build: Callable[[list[int]], list[Any]],
+        *,
+        durable: bool = False,
+        patient: bool = True,
+    ) -> list[tuple[list[int], Any]]:
+        """Run a script that takes many shards, one call per node serving some of them.
+
+        `build(part)` is the ARGV for the shards `part` (in that order). Returns (part,
+        reply) per call. On one Redis node that is one call for all of `shards`, and Redis
+        failing raises `StoreUnavailable` as `script_on` does; on a cluster a node that fails
+        gives (part, StoreUnavailable) instead, the other nodes' replies standing: the caller
+        merges the replies and decides what the failed part means. `durable`: each call also
+        waits for `GATEWAY_ACK_DURABILITY` (see `gateway.store.durability`). `patient`: see
+        `ClusterScripts.run_groups`.
+        """
+        if self.cluster is None:
+            with unavailable_on_redis_errors():
+                if durable and self.durable is not None:
+                    script = self.scripts.get(name)
+                    prefixes = [keys.prefix(s) for s in shards]
+                    reply = await self.durability.run(self.durable, script, prefixes, build(shards))
+                    return [(shards, reply)]
+                return [(shards, await self.scripts.run_on(name, shards, build(shards)))]
+        return await self.cluster.run_groups(name, shards, build, _as_unavailable, patient=patient)
+
+    def node_parts(self, shards: list[int]) -> list[list[int]]:
+        """`shards` by the node serving them, as the slot map is known now (one node: one)."""
+        if self.cluster is None:
+            return [shards]
+        groups, lost = self.cluster.groups(shards)
+        return [part for _, part in groups] + ([lost] if lost else [])
+
+    async def _one_node(self, name: str, shards: list[int], args: list[Any]) -> Any:
+        assert self.cluster is not None
+        results = await self.cluster.run_groups(name, shards, lambda _: args, _as_unavailable)
+        if len(results) != 1:
+            failed = [o for _, o in results if isinstance(o, BaseException)]
+            if failed:
+                raise failed[0]
+            raise AssertionError(f"script {name} called for shards of several cluster nodes")
+        outcome = results[0][1]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def pipelined(self, build: Callable[[Pipeline], Awaitable[None] | None]) -> list[Any]:
         """Run the commands `build` queues in one round trip (not a transaction).
@@ -150,6 +243,8 @@ class Store:
         pipeline that meets a connection Redis closed (it restarted) is built and sent once
         more; one that timed out is not (see the module's docstring).
         """
+        if self.cluster is not None:
+            return await self._cluster_pipelined(build)
         for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=False)
             queued = build(pipe)
@@ -162,6 +257,22 @@ class Store:
                 if attempt == 2 or not _dropped(exc.__cause__):
                     raise
         raise AssertionError("unreachable")
+
+    async def _cluster_pipelined(
+        self, build: Callable[[Pipeline], Awaitable[None] | None]
+    ) -> list[Any]:
+        """redis-py's cluster pipeline (a round trip per node, MOVED/ASK followed per
+        command), which refuses TIME: a TIME is asked of one node apart, its reply put back in
+        its place."""
+        pipe = _TimedPipeline(self.redis.pipeline())
+        queued = build(cast(Pipeline, pipe))
+        if queued is not None:
+            await queued
+        with unavailable_on_redis_errors():
+            replies = list(await pipe.pipe.execute())
+            for extra, position in enumerate(pipe.times):
+                replies.insert(position + extra, await self.redis.time())
+        return replies
 
     async def check_server_settings(self) -> None:
         """Warn once when the server's settings make the gateway expensive to run on it."""
@@ -193,5 +304,38 @@ class Store:
             return False
 
     async def close(self) -> None:
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        await close_client(self.redis)
+        if self.durable is not None:
+            await close_client(self.durable)
+
+
+class _TimedPipeline:
+    """A cluster pipeline that notes where TIME was asked for (see `_cluster_pipelined`)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.times: list[int] = []
+
+    def time(self) -> _TimedPipeline:
+        self.times.append(len(self.pipe))
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+
+async def close_client(client: Redis) -> None:
+    """Close a client of `connect` (a cluster client has no single pool)."""
+    await client.aclose()
+    if not isinstance(client, RedisCluster):
+        await client.connection_pool.disconnect()
+
+
+def _as_unavailable(error: BaseException) -> BaseException:
+    """A Redis error of one cluster node as the gateway's (bugs stay as they are)."""
+    try:
+        with unavailable_on_redis_errors():
+            raise error
+    except BaseException as exc:  # the translation, returned rather than raised
+        return exc
+    raise AssertionError("unreachable")

@@ -49,6 +49,9 @@ class Scripts:
             name: client.register_script(source(name)) for name in NAMES
         }
 
+    def get(self, name: str) -> AsyncScript:
+        return self._scripts[name]
+
     async def run(self, name: str, shard: int, args: list[Any]) -> Any:
         return await self._call(name, [keys.prefix(shard)], args)
 

@@ -231,7 +231,13 @@ async def test_a_killed_worker_loses_nothing(
         # the doomed one is the worker draining the number's shard
         doomed, survivor = (first, second) if await drains(first, store, pn) else (second, first)
         await registry.patch(pn, {"status": "active"})
-        await asyncio.sleep(1.0)
+
+        async def sending() -> bool:
+            view = (await registry.views([pn]))[0]
+            return view is not None and view["inflight"] >= 50
+
+        await eventually(sending, 30.0, "sends in flight")
+        assert await drains(doomed, store, pn), "the shard changed hands after the shares settled"
         doomed.kill_tree()
         in_flight = await _sending(store, ids)
         assert in_flight, "nothing was in flight when the worker was killed"

@@ -719,3 +719,24 @@ def test_dashboard_queries_parse_as_promql(tier: str | list[str], tmp_path: Path
     listing = "\n".join(f"dashboard_query_{i}: {t}: {e}" for i, (t, e) in enumerate(queries))
     assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{listing}"
     assert "$" not in "".join(e for _, e in queries), "a Grafana variable was left unsubstituted"
+
+
+def test_the_cluster_profile_runs_three_primaries_with_a_replica_each() -> None:
+    nodes = {
+        n: s for n, s in services().items() if n.startswith("redis-cluster-") and n[-1].isdigit()
+    }
+    assert len(nodes) == 6
+    for name, node in nodes.items():
+        assert node["profiles"] == ["cluster"], name
+        command = command_of(name, node)
+        assert command[command.index("--cluster-enabled") + 1] == "yes", name
+        assert command[command.index("--appendonly") + 1] == "yes", name
+        assert list(named_volumes(node)), f"{name}: its data is not on a named volume"
+    init = services()["redis-cluster-init"]
+    assert init["profiles"] == ["cluster"]
+    script = " ".join(command_of("redis-cluster-init", init))
+    assert "--cluster create" in script and "--cluster-replicas 1" in script
+    assert set(init["depends_on"]) == set(nodes)
+    # the gateway services take the cluster's seed nodes from the environment
+    raw = str(services()["gateway-api"]["environment"]["GATEWAY_REDIS_URL"])
+    assert raw.startswith("${GATEWAY_REDIS_URL:-"), raw

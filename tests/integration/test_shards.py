@@ -100,3 +100,14 @@ async def test_a_last_worker_stopping_does_not_wait_for_a_successor(store: Store
 
 async def _holds_all(ownership: ShardOwnership, store: Store) -> bool:
     return ownership.owned == frozenset(range(store.shards))
+
+
+async def test_a_worker_that_no_longer_needs_shards_withdraws_its_ask(store: Store) -> None:
+    first, second = ShardOwnership(store, "w1"), ShardOwnership(store, "w2")
+    await first.refresh()
+    await second.refresh()  # asks for half of the first's shards
+    assert second.wanted
+    await second.hand_over()  # stopping before it got them: it takes its asks back
+    await first.refresh()
+    assert first.owned == frozenset(range(store.shards))
+    assert await owners(store) == [b"w1"] * store.shards

@@ -8,6 +8,7 @@
 --   'want'    as 'claim', and for a shard held by another, become its successor (unless one
 --             is already named): its owner hands it over at its next renewal;
 --   'release' give the shards up: to their successor when there is one, else free;
+--   'unwant'  no longer be the successor of these shards (the worker has what it needs);
 --   'peek'    change nothing.
 -- Returns, per shard in KEYS order: for 'peek' the owner's id ('' for none), else 1 when the
 -- worker holds the shard after the call, else 0.
@@ -24,6 +25,9 @@ for i = 1, #KEYS do
   out[i] = 0
   if mode == 'peek' then
     out[i] = holder or ''
+  elseif mode == 'unwant' then
+    if successor == me then redis.call('DEL', successor_key) end
+    if holder == me then out[i] = 1 end
   elseif successor and successor ~= me and (holder == me or (not holder and mode == 'release')) then
     if holder == me then
       redis.call('SET', owner_key, successor, 'PX', ttl)
