@@ -86,7 +86,13 @@ class ShardOwnership:
             self._set(frozenset(await self._held(sorted(self.owned), "claim")))
             self._renewed.set()
             return
-        alive = await self._members("beat")
+        try:
+            alive = await self._members("beat")
+        except StoreUnavailable:
+            # The member list's node is down (on a cluster: shard 0's, until its replica takes
+            # over): the shards held on the other nodes are renewed all the same.
+            self._set(frozenset(await self._held(sorted(self.owned), "claim")))
+            raise
         self.others_alive = len(alive) - 1
         target = math.ceil(self.store.shards / max(len(alive), 1))
         held = await self._held(sorted(self.owned | self.wanted), "claim")

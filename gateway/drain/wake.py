@@ -63,6 +63,7 @@ class WakeTokens:
         self.slots = SlotMap(cast(RedisCluster, self.client))
         self.on_error = on_error
         self._watchers: dict[int, asyncio.Task[None]] = {}
+        self._closed = False
         self._woken: set[int] = set()
         self._event = asyncio.Event()
 
@@ -105,7 +106,10 @@ class WakeTokens:
         # the slot (MOVED) or failed sends it back to the slot map.
         name = self.key_of(shard)
         slot = self.client.keyslot(name)  # type: ignore[attr-defined]
-        while True:
+        me = asyncio.current_task()
+        # (a cancel that meets the read's own timeout can be lost in 3.11: so a watcher also
+        # stops once it is no longer the shard's)
+        while not self._closed and self._watchers.get(shard) is me:
             node = self.slots.node_of(slot)
             try:
                 with unavailable_on_redis_errors():
@@ -125,11 +129,13 @@ class WakeTokens:
                 self._event.set()
 
     async def close(self) -> None:
+        self._closed = True
         watchers = list(self._watchers.values())
         self._watchers.clear()
         for task in watchers:
             task.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
+        if watchers:
+            await asyncio.wait(watchers, timeout=MAX_WAIT_S + 2)
         await close_client(self.client)
 
 
