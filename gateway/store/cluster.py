@@ -42,13 +42,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway import keys
 from gateway.errors import StoreUnavailable
 from gateway.settings import parse_cluster_url
+from gateway.store.durability import Durability
 
 log = logging.getLogger("gateway.store")
 
@@ -184,23 +185,31 @@ class ClusterScripts:
                 entry[1].append(shard)
         return list(by_node.values()), lost
 
-    async def call(self, node: ClusterNode, name: str, shards: list[int], args: list[Any]) -> Any:
-        """One script call on `node` for `shards` (their prefixes are prepended to ARGV)."""
+    async def call(
+        self,
+        node: ClusterNode,
+        name: str,
+        shards: list[int],
+        args: list[Any],
+        wait: Durability | None = None,
+    ) -> Any:
+        """One script call on `node` for `shards` (their prefixes are prepended to ARGV);
+        with `wait`, followed on the same connection by its durability wait."""
         sha = self._shas.get(name)
         if sha is None:
             sha = self._shas[name] = _sha1(self._sources[name])
         argv = [len(shards), *(keys.prefix(s) for s in shards), *args]
         try:
             try:
-                return await node.execute_command("EVALSHA", sha, 0, *argv)
+                return await _evalsha(node, sha, argv, wait)
             except redis_errors.ConnectionError as exc:
                 if isinstance(exc, redis_errors.TimeoutError):
                     raise
                 # a connection the node closed (it restarted): once more, on a new one
-                return await node.execute_command("EVALSHA", sha, 0, *argv)
+                return await _evalsha(node, sha, argv, wait)
         except redis_errors.NoScriptError:
             await node.execute_command("SCRIPT LOAD", self._sources[name])
-            return await node.execute_command("EVALSHA", sha, 0, *argv)
+            return await _evalsha(node, sha, argv, wait)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
             self._stale = True  # the node may be gone: read the slot map before the next call
             raise
@@ -218,6 +227,7 @@ class ClusterScripts:
         wrap: Callable[[BaseException], BaseException],
         *,
         patient: bool = True,
+        wait: Durability | None = None,
     ) -> list[tuple[list[int], Any]]:
         """Run `name` for `shards`, one call per node, each with `build(its shards)` as ARGV.
 
@@ -252,7 +262,7 @@ class ClusterScripts:
                     if part
                 ]
             outcomes = await asyncio.gather(
-                *(self._guarded(node, name, group, build) for node, group in calls),
+                *(self._guarded(node, name, group, build, wait) for node, group in calls),
                 return_exceptions=True,
             )
             moved = bool(lost)
@@ -283,8 +293,26 @@ class ClusterScripts:
         name: str,
         group: list[int],
         build: Callable[[list[int]], list[Any]],
+        wait: Durability | None = None,
     ) -> Any:
-        return await self.call(node, name, group, build(group))
+        return await self.call(node, name, group, build(group), wait)
+
+
+async def _evalsha(node: ClusterNode, sha: str, argv: list[Any], wait: Durability | None) -> Any:
+    """EVALSHA on `node`; with `wait`, and its WAIT or WAITAOF, in one round trip on one of
+    the node's connections (a wait counts the writes of its own connection)."""
+    if wait is None:
+        return await node.execute_command("EVALSHA", sha, 0, *argv)
+    commands = [PipelineCommand(0, "EVALSHA", sha, 0, *argv), PipelineCommand(1, *wait.command())]
+    await node.execute_pipeline(commands)
+    reply, waited = commands[0].result, commands[1].result
+    if isinstance(reply, Exception):
+        raise reply
+    if isinstance(waited, Exception):
+        raise waited
+    if not wait.confirmed(waited):
+        raise StoreUnavailable(f"{wait.mode} durability not confirmed within {wait.timeout_ms} ms")
+    return reply
 
 
 def _sha1(text: str) -> str:

@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from gateway import keys
-from gateway.errors import ConfigError, StoreUnavailable
+from gateway.errors import StoreUnavailable
 from gateway.settings import Settings, is_cluster_url
 from gateway.store.cluster import ClusterScripts, connect_cluster
 from gateway.store.durability import Durability
@@ -156,23 +156,22 @@ class Store:
         # What a 202 waits for; the waits run on a client of their own (`from_settings`).
         self.durability = Durability(settings.ack_durability, settings.ack_timeout)
         self.durable: Redis | None = None
+        self.durable_cluster: ClusterScripts | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, url: str, **extra: Any) -> Store:
         store = cls(connect(url, **extra), settings)
         if store.durability.waits:
-            if store.cluster is not None:
-                raise ConfigError(
-                    f"GATEWAY_ACK_DURABILITY={settings.ack_durability} is not supported on a "
-                    "Redis Cluster yet"
-                )
             store.durable = connect(url, socket_timeout=settings.ack_timeout + 1.0, **extra)
+            if isinstance(store.durable, RedisCluster):
+                sources = {name: source(name) for name in NAMES}
+                store.durable_cluster = ClusterScripts(store.durable, sources)
         return store
 
     async def script(self, name: str, shard: int, args: list[Any], *, durable: bool = False) -> Any:
         """Run a script for one shard; `durable`: and wait for `GATEWAY_ACK_DURABILITY`."""
         if self.cluster is not None:
-            return await self._one_node(name, [shard], args)
+            return await self._one_node(name, [shard], args, durable=durable)
         with unavailable_on_redis_errors():
             if durable and self.durable is not None:
                 script = self.scripts.get(name)
@@ -214,6 +213,10 @@ class Store:
                     reply = await self.durability.run(self.durable, script, prefixes, build(shards))
                     return [(shards, reply)]
                 return [(shards, await self.scripts.run_on(name, shards, build(shards)))]
+        if durable and self.durable_cluster is not None:
+            return await self.durable_cluster.run_groups(
+                name, shards, build, _as_unavailable, patient=patient, wait=self.durability
+            )
         return await self.cluster.run_groups(name, shards, build, _as_unavailable, patient=patient)
 
     def node_parts(self, shards: list[int]) -> list[list[int]]:
@@ -223,9 +226,16 @@ class Store:
         groups, lost = self.cluster.groups(shards)
         return [part for _, part in groups] + ([lost] if lost else [])
 
-    async def _one_node(self, name: str, shards: list[int], args: list[Any]) -> Any:
+    async def _one_node(
+        self, name: str, shards: list[int], args: list[Any], *, durable: bool = False
+    ) -> Any:
         assert self.cluster is not None
-        results = await self.cluster.run_groups(name, shards, lambda _: args, _as_unavailable)
+        if durable and self.durable_cluster is not None:
+            results = await self.durable_cluster.run_groups(
+                name, shards, lambda _: args, _as_unavailable, wait=self.durability
+            )
+        else:
+            results = await self.cluster.run_groups(name, shards, lambda _: args, _as_unavailable)
         if len(results) != 1:
             failed = [o for _, o in results if isinstance(o, BaseException)]
             if failed:

@@ -98,7 +98,17 @@ class Durability:
                 )
         elif self.mode == "replica":
             info = await client.info("replication")
-            if int(info.get("connected_slaves", 0)) < 1:
+            if "role" in info:
+                replicas = int(info.get("connected_slaves", 0))
+            else:  # a cluster client answers per node: the primary with the fewest counts
+                primaries = [v for v in info.values() if isinstance(v, dict)]
+                counts = [
+                    int(v.get("connected_slaves", 0))
+                    for v in primaries
+                    if v.get("role") == "master"
+                ]
+                replicas = min(counts, default=0)
+            if replicas < 1:
                 log.warning(
                     "GATEWAY_ACK_DURABILITY=replica but the Redis primary has no replica: "
                     "sends are answered 503 until one is connected"
