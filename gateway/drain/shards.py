@@ -103,7 +103,9 @@ class ShardOwnership:
                 shard: as_text(owner) if isinstance(owner, bytes) else owner
                 for shard, owner in zip(others, await self._claim(others, "peek"), strict=True)
             }
-            free = [shard for shard, owner in owners.items() if owner == ""]
+            # free, or still this worker's though not held: a cluster node that failed made
+            # its shards look lost, and its promoted replica has them under this worker's name
+            free = [shard for shard, owner in owners.items() if owner in ("", self.worker_id)]
             random.shuffle(free)
             held |= await self._held(free[: target - len(held)], "claim")
             # still asking for the shards asked for before, then for more if need be

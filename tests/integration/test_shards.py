@@ -111,3 +111,11 @@ async def test_a_worker_that_no_longer_needs_shards_withdraws_its_ask(store: Sto
     await first.refresh()
     assert first.owned == frozenset(range(store.shards))
     assert await owners(store) == [b"w1"] * store.shards
+
+
+async def test_shards_still_in_a_workers_name_are_taken_back_at_once(store: Store) -> None:
+    worker = ShardOwnership(store, "w1")
+    await worker.refresh()
+    worker._set(frozenset())  # as when a failed cluster node dropped them from what it holds
+    await worker.refresh()  # their leases still name it: no waiting for them to run out
+    assert worker.owned == frozenset(range(store.shards))
