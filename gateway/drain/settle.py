@@ -216,6 +216,8 @@ class Settler:
             pending = []
             for part, reply in replies:
                 if isinstance(reply, Exception):
+                    if not isinstance(reply, StoreUnavailable):
+                        raise reply  # a bug, not an outage: it must not be retried forever
                     self.outage.failed(reply)
                     pending += part
                     continue

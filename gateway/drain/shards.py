@@ -31,6 +31,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 
 from gateway.errors import StoreUnavailable
 from gateway.store import Store, as_text
@@ -41,12 +42,23 @@ LEASE_MS = 5000
 REFRESH_S = 1.0
 POLL_S = 0.02  # renewal period while this worker waits for shards or hands its own over
 HANDOVER_S = 3.0  # longest a stopping worker waits for the others to take its shards
+# An ask lasts this long unless asked again (each refresh does): an asker that died is not
+# handed shards for longer than that.
+SUCCESSOR_MS = 2500
 
 
 class ShardOwnership:
-    def __init__(self, store: Store, worker_id: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        worker_id: str,
+        on_gain: Callable[[frozenset[int]], None] | None = None,
+    ) -> None:
         self.store = store
         self.worker_id = worker_id
+        # told of the shards this worker gains, so that its take loop looks at them at once
+        # (it may be waiting up to a second on the shards it had)
+        self.on_gain = on_gain
         self.owned: frozenset[int] = frozenset()
         self.wanted: frozenset[int] = frozenset()  # shards asked of their owners
         self.leaving = False
@@ -54,13 +66,16 @@ class ShardOwnership:
         self.changed = asyncio.Event()
         self._poke = asyncio.Event()  # wakes the run loop early (a handover begins)
         self._renewed = asyncio.Event()  # a renewal as a leaving worker was made
+        # one change of ownership at a time: a refresh in flight when `hand_over` begins must
+        # not leave asks standing for a worker that is leaving
+        self._lock = asyncio.Lock()
 
     async def _claim(self, shards: list[int], mode: str) -> list[object]:
         """Per shard of `shards` (in order) the `claim` script's reply: held (1 or 0), or the
         owner for 'peek'. A cluster node that failed answers None for its shards."""
         if not shards:
             return []
-        args = [self.worker_id, LEASE_MS, mode]
+        args = [self.worker_id, LEASE_MS, mode, SUCCESSOR_MS]
         found: dict[int, object] = {}
         claims = await self.store.script_per_node("claim", shards, lambda _: args, patient=False)
         for part, replies in claims:
@@ -78,6 +93,10 @@ class ShardOwnership:
         return [as_text(member) for member in alive]
 
     async def refresh(self) -> None:
+        async with self._lock:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         """Beat, renew what is held (handing over what others asked for), and when below the
         fair share take free shards and ask for more of the workers above theirs."""
         if self.leaving:
@@ -108,11 +127,10 @@ class ShardOwnership:
             free = [shard for shard, owner in owners.items() if owner in ("", self.worker_id)]
             random.shuffle(free)
             held |= await self._held(free[: target - len(held)], "claim")
-            # still asking for the shards asked for before, then for more if need be
-            need = target - len(held)
-            wanted = [s for s in sorted(self.wanted) if owners.get(s)][:need]
-            rest = {s: o for s, o in owners.items() if s not in wanted and o != self.worker_id}
-            wanted += self._to_ask(rest, set(alive), target, need - len(wanted))
+            others_owned = {s: o for s, o in owners.items() if o != self.worker_id}
+            wanted = self._to_ask(
+                others_owned, set(alive), target, target - len(held), prefer=self.wanted
+            )
             held |= await self._held(wanted, "want")
         await self._withdraw(self.wanted - set(wanted) - held)
         self.wanted = frozenset(wanted) - held
@@ -125,39 +143,56 @@ class ShardOwnership:
             await self._claim(sorted(shards), "unwant")
 
     @staticmethod
-    def _to_ask(owners: dict[int, object], alive: set[str], target: int, need: int) -> list[int]:
+    def _to_ask(
+        owners: dict[int, object],
+        alive: set[str],
+        target: int,
+        need: int,
+        prefer: frozenset[int] = frozenset(),
+    ) -> list[int]:
         """Up to `need` shards to ask for: of each live owner, what it holds above `target`;
-        of an owner no longer alive (it is leaving), all."""
+        of an owner no longer alive (it is leaving), all. The shards in `prefer` (asked for
+        before) come first, so an ask stands until its owner's renewal serves it, but only
+        while that owner still has them to spare."""
         by_owner: dict[str, list[int]] = {}
         for shard, owner in owners.items():
             if isinstance(owner, str) and owner:
                 by_owner.setdefault(owner, []).append(shard)
-        asked: list[int] = []
+        kept: list[int] = []
+        fresh: list[int] = []
         for owner, shards in by_owner.items():
             spare = len(shards) - (target if owner in alive else 0)
             if spare > 0:
                 random.shuffle(shards)
-                asked += shards[:spare]
-        random.shuffle(asked)
-        return asked[: max(need, 0)]
+                shards.sort(key=lambda shard: shard not in prefer)
+                kept += [s for s in shards[:spare] if s in prefer]
+                fresh += [s for s in shards[:spare] if s not in prefer]
+        random.shuffle(fresh)
+        return (kept + fresh)[: max(need, 0)]
 
     async def _poll(self) -> None:
         """Between refreshes: take the asked-for shards that were handed over; while leaving,
         renew (hand over) what is still held."""
-        if self.leaving:
-            await self.refresh()
-            return
-        if self.wanted:
-            got = await self._held(sorted(self.wanted), "want")
-            if got:
-                self.wanted -= got
-                self._set(self.owned | got)
+        async with self._lock:
+            if self.leaving:
+                await self._refresh()
+                return
+            if self.wanted:
+                # 'claim', not 'want': polls do not ask again (an ask that lost to another
+                # asker would name this worker successor of the shard's next owner)
+                got = await self._held(sorted(self.wanted), "claim")
+                if got:
+                    self.wanted -= got
+                    self._set(self.owned | got)
 
     def _set(self, held: frozenset[int]) -> None:
         if held != self.owned:
             log.info("draining %d of %d shards", len(held), self.store.shards)
+            gained = held - self.owned
             self.owned = held
             self.changed.set()
+            if gained and self.on_gain is not None:
+                self.on_gain(gained)
 
     async def current(self, within_s: float) -> list[int]:
         """The shards owned now, in order; with none, first wait up to `within_s` for some."""
@@ -209,12 +244,13 @@ class ShardOwnership:
         """Leave the member list and keep draining until the other workers have taken every
         shard, or `within_s` passed, or no other worker is alive (then `leave` frees them).
         The run loop does the renewals that hand the shards over."""
-        with contextlib.suppress(StoreUnavailable):
-            await self._withdraw(self.wanted)
-        self.wanted = frozenset()
-        if not self.owned:
-            return
-        self.leaving = True
+        async with self._lock:
+            with contextlib.suppress(StoreUnavailable):
+                await self._withdraw(self.wanted)
+            self.wanted = frozenset()
+            if not self.owned:
+                return
+            self.leaving = True
         self.others_alive = -1  # not known until the first renewal as a leaving worker
         self._poke.set()
         deadline = time.monotonic() + within_s
@@ -230,6 +266,8 @@ class ShardOwnership:
         """Give every shard back and leave the member list (on shutdown)."""
         try:
             await self._claim(sorted(self.owned), "release")
+            # and no ask of this worker outlives it
+            await self._claim(list(range(self.store.shards)), "unwant")
             await self.store.script("members", 0, [self.worker_id, LEASE_MS, "leave"])
         except StoreUnavailable:
             pass

@@ -80,7 +80,8 @@ class WakeTokens:
             return set() if reply is None else {shards[names.index(as_text(reply[0]))]}
         # The slot map read before the watchers start (a no-op once read): many first
         # commands at once each read it and closed the connections the others had opened.
-        await self.client.initialize()
+        with unavailable_on_redis_errors():
+            await self.client.initialize()
         self._watch(shards)
         if not self._woken:
             self._event.clear()

@@ -86,7 +86,7 @@ class Drain:
         self.worker_id = (
             worker_id or f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}"
         )
-        self.ownership = ShardOwnership(store, self.worker_id)
+        self.ownership = ShardOwnership(store, self.worker_id, on_gain=self._gained)
         assert settings.redis_url is not None
         self.outage = RedisOutage()
         self.wake = WakeListener(settings.redis_url, self.outage, settings.shards)
@@ -192,6 +192,12 @@ class Drain:
 
     # -- taking ----------------------------------------------------------------------------
 
+    def _gained(self, shards: frozenset[int]) -> None:
+        """Shards handed to this worker are taken from at once, not at the end of a wait on
+        the shards it had."""
+        self.wake.woken |= shards
+        self.wake.event.set()
+
     async def _owned_shards(self) -> list[int]:
         """The shards this worker drains; with none, wait (up to a second) for some."""
         return await self.ownership.current(MAX_WAIT_S)
@@ -284,6 +290,8 @@ class Drain:
         failed: list[int] = []
         for part, reply in replies:
             if isinstance(reply, Exception):
+                if not isinstance(reply, StoreUnavailable):
+                    raise reply  # a bug, not an outage: it must not be retried forever
                 self.outage.failed(reply)
                 failed += part
                 continue

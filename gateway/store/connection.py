@@ -35,6 +35,8 @@ from gateway.store.scripts import NAMES, Scripts, source
 
 log = logging.getLogger("gateway.store")
 
+DURABLE_CONNECTIONS = 1024  # connections of the client whose calls wait for durability
+
 # Message hashes keep their ~150-byte payload field in the compact encoding from this on.
 LISTPACK_VALUE = 1024
 
@@ -162,7 +164,13 @@ class Store:
     def from_settings(cls, settings: Settings, url: str, **extra: Any) -> Store:
         store = cls(connect(url, **extra), settings)
         if store.durability.waits:
-            store.durable = connect(url, socket_timeout=settings.ack_timeout + 1.0, **extra)
+            # each call holds its connection for its wait: room for many webhooks and sends
+            store.durable = connect(
+                url,
+                max_connections=DURABLE_CONNECTIONS,
+                socket_timeout=settings.ack_timeout + 1.0,
+                **extra,
+            )
             if isinstance(store.durable, RedisCluster):
                 sources = {name: source(name) for name in NAMES}
                 store.durable_cluster = ClusterScripts(store.durable, sources)
@@ -213,11 +221,15 @@ class Store:
                     reply = await self.durability.run(self.durable, script, prefixes, build(shards))
                     return [(shards, reply)]
                 return [(shards, await self.scripts.run_on(name, shards, build(shards)))]
-        if durable and self.durable_cluster is not None:
-            return await self.durable_cluster.run_groups(
-                name, shards, build, _as_unavailable, patient=patient, wait=self.durability
+        # (the groups' own errors come back in their results; this is reading the slot map)
+        with unavailable_on_redis_errors():
+            if durable and self.durable_cluster is not None:
+                return await self.durable_cluster.run_groups(
+                    name, shards, build, _as_unavailable, patient=patient, wait=self.durability
+                )
+            return await self.cluster.run_groups(
+                name, shards, build, _as_unavailable, patient=patient
             )
-        return await self.cluster.run_groups(name, shards, build, _as_unavailable, patient=patient)
 
     def node_parts(self, shards: list[int]) -> list[list[int]]:
         """`shards` by the node serving them, as the slot map is known now (one node: one)."""
@@ -230,12 +242,15 @@ class Store:
         self, name: str, shards: list[int], args: list[Any], *, durable: bool = False
     ) -> Any:
         assert self.cluster is not None
-        if durable and self.durable_cluster is not None:
-            results = await self.durable_cluster.run_groups(
-                name, shards, lambda _: args, _as_unavailable, wait=self.durability
-            )
-        else:
-            results = await self.cluster.run_groups(name, shards, lambda _: args, _as_unavailable)
+        with unavailable_on_redis_errors():
+            if durable and self.durable_cluster is not None:
+                results = await self.durable_cluster.run_groups(
+                    name, shards, lambda _: args, _as_unavailable, wait=self.durability
+                )
+            else:
+                results = await self.cluster.run_groups(
+                    name, shards, lambda _: args, _as_unavailable
+                )
         if len(results) != 1:
             failed = [o for _, o in results if isinstance(o, BaseException)]
             if failed:

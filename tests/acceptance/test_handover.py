@@ -22,6 +22,7 @@ from gateway.store import Store
 from tests.acceptance.test_drain_processes import (  # noqa: F401 (fixtures)
     Upstream,
     drained,
+    parent_pid,
     queue,
     redis_server,
     start_workers,
@@ -102,3 +103,51 @@ async def test_joining_and_leaving_workers_hand_shards_over_without_pausing_numb
         assert max_in_window(times) <= RATE, f"{pn} went over {RATE}/s"
         longest, at = max((b - a, a - times[0]) for a, b in itertools.pairwise(times))
         assert longest < LONGEST_PAUSE_S, f"{pn} paused {longest:.3f} s, {at:.2f} s in"
+
+
+async def test_an_idle_worker_takes_over_a_busy_shard_at_once(
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
+    store: Store,
+    upstream: Upstream,  # noqa: F811
+) -> None:
+    """The worker the busy number's shard goes to has nothing due of its own: it must look at
+    the shard when it gets it, not at the end of its wait (up to a second) on its idle one."""
+    busy, idle = NUMBERS[1], NUMBERS[0]
+    registry = Registry(store)
+    await registry.put(idle, {"throughput_tier": "high", "status": "active"})
+    await registry.put(busy, {"throughput_tier": "high", "status": "pending"})
+    ids = await queue(store, busy, RATE * BACKLOG_S)
+    settings = {"GATEWAY_SHARDS": "2"}
+    first = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
+    second = start_workers(tmp_path, redis_server.url, upstream, 1, **settings)
+    try:
+        await shards_shared(store, 2)
+        await registry.patch(busy, {"status": "active"})
+        await asyncio.sleep(1.5)
+        # SIGTERM to the busy number's worker: the idle one is handed its shard
+        owner = await owner_of(store, busy)
+        assert owner is not None
+        pid = int(owner.decode().split(":")[1])
+        drains_busy = (
+            first
+            if first.process is not None
+            and first.process.pid
+            in (
+                pid,
+                parent_pid(pid),
+            )
+            else second
+        )
+        drains_busy.stop()
+        await drained(store, [busy], 60.0)
+    finally:
+        first.stop()
+        second.stop()
+    statuses = Counter([(await Messages(store).get(m))["status"] for m in ids])
+    assert statuses == Counter({"sent": len(ids)})
+    times = await upstream.arrivals(busy)
+    assert len(times) == RATE * BACKLOG_S
+    assert max_in_window(times) <= RATE
+    longest, at = max((b - a, a - times[0]) for a, b in itertools.pairwise(times))
+    assert longest < LONGEST_PAUSE_S, f"{busy} paused {longest:.3f} s, {at:.2f} s in"

@@ -1,7 +1,8 @@
 -- claim: take, renew, ask for or give up this worker's leases on some shards. One call for all
 -- of them: a pipeline of a call per shard cost the worker ~3 ms of CPU in one event-loop turn
 -- every second, long enough to start sends late.
--- KEYS: the prefixes of the shards. ARGV: worker_id, ttl_ms, mode:
+-- KEYS: the prefixes of the shards. ARGV: worker_id, ttl_ms, mode, successor_ttl_ms (how long
+-- an ask stands unless made again; default ttl_ms). Modes:
 --   'claim'   renew the shards held and take the free ones, except a free one another worker
 --             asked for (its successor); a held shard that has a successor is handed to it
 --             (the successor becomes the owner, with a fresh lease) instead of renewed;
@@ -16,6 +17,7 @@
 -- shard when this call returns, the new one takes for it once it sees it holds it, and no
 -- moment has two owners or none.
 local me, ttl, mode = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local ask_ttl = tonumber(ARGV[4] or ARGV[2])
 local out = {}
 for i = 1, #KEYS do
   P = KEYS[i]
@@ -42,7 +44,7 @@ for i = 1, #KEYS do
       out[i] = 1
     end
   elseif mode == 'want' and (not successor or successor == me) then
-    redis.call('SET', successor_key, me, 'PX', ttl)
+    redis.call('SET', successor_key, me, 'PX', ask_ttl)
   end
 end
 return out

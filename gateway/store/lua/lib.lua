@@ -158,10 +158,12 @@ local function release_pair(id, pn, user, now, retention)
   if pair[1] ~= id then return end
   local parked = key_parked(pn, user)
   local cfg = key_cfg(pn)
-  local deleted = redis.call('HGET', cfg, 'status') == 'deleted'
+  -- the number's status matters only to a parked message: read when there is one
+  local deleted = nil
   while true do
     local next_id = redis.call('LPOP', parked)
     if not next_id then break end
+    if deleted == nil then deleted = redis.call('HGET', cfg, 'status') == 'deleted' end
     local k = key_msg(next_id)
     local m = redis.call('HMGET', k, 's', 'l', 'c')
     local list = list_of(m[2] or 'n', m[3])

@@ -72,7 +72,12 @@ local function ms(x) return string.format('%.3f', x) end
 local function stamp_text(x) return ms(math.ceil(x * 1000) / 1000) end
 
 -- Leases that ran out belong to a worker that died or hung: back to the head of their lane.
+-- Returns the first lease deadline when none had run out (false: no lease), nil when some had:
+-- `next_due` needs it, and nothing else in this take removes a lease.
 local function take_back_lapsed(lease)
+  local first = redis.call('ZRANGE', lease, 0, 0, 'WITHSCORES')
+  if not first[2] then return false end
+  if tonumber(first[2]) > now then return tonumber(first[2]) end
   local lapsed = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, 256)
   for _, id in ipairs(lapsed) do
     redis.call('ZREM', lease, id)
@@ -97,27 +102,84 @@ local function take_back_lapsed(lease)
   end
 end
 
--- Pops the next message of a number: lanes high, normal, low; within a lane, the older of the
+-- A number's lane lists as this take reads them: per list, the ids read from its head
+-- (`ahead`), how many of those were taken (`used`: still in the list until `lanes_flush`), and
+-- whether the read reached its end (`ended`). One LRANGE per list looked at and one LTRIM per
+-- list taken from, per number per take, instead of a LINDEX per head looked at and an LPOP per
+-- message. Nothing else in the take writes to the number's lanes except `release_pair` (which
+-- may put a parked message back): flush and forget what was read before calling it.
+local function lanes_of(pn, hold_marketing)
+  return {pn = pn, hold = hold_marketing, ahead = {}, used = {}, ended = {}}
+end
+
+-- The head of `list` not yet taken (nil: none), reading `n` more ids when all read are taken.
+local function lanes_head(r, list, n)
+  local ahead = r.ahead[list]
+  if not ahead then
+    ahead = {}
+    r.ahead[list], r.used[list] = ahead, 0
+  end
+  local used = r.used[list]
+  if used >= #ahead and not r.ended[list] then
+    local got = redis.call('LRANGE', key_lane(r.pn, list), #ahead, #ahead + n - 1)
+    for _, id in ipairs(got) do ahead[#ahead + 1] = id end
+    if #got < n then r.ended[list] = true end
+  end
+  return ahead[used + 1]
+end
+
+-- Takes the next message of a number: lanes high, normal, low; within a lane, the older of the
 -- heads of its plain and marketing lists (ids sort by creation), marketing skipped when held.
-local function pop_next(pn, hold_marketing)
+-- `n`: how many ids to read ahead when a list's read ones are all taken.
+local function lanes_pop(r, n)
   for _, lane in ipairs({'h', 'n', 'l'}) do
-    local plain, marketing = key_lane(pn, lane), key_lane(pn, lane .. 'm')
-    local a = redis.call('LINDEX', plain, 0)
-    local b = false
-    if not hold_marketing then b = redis.call('LINDEX', marketing, 0) end
+    local marketing = lane .. 'm'
+    local a = lanes_head(r, lane, n)
+    local b = nil
+    if not r.hold then b = lanes_head(r, marketing, n) end
     if a and (not b or a <= b) then
-      return redis.call('LPOP', plain), lane
+      r.used[lane] = r.used[lane] + 1
+      return a, lane
     elseif b then
-      return redis.call('LPOP', marketing), lane .. 'm'
+      r.used[marketing] = r.used[marketing] + 1
+      return b, marketing
     end
   end
   return nil, nil
 end
 
-local function has_sendable(pn, hold_marketing)
+-- Removes the ids taken from their lists (what is read and not taken stays known).
+local function lanes_flush(r)
+  for list, used in pairs(r.used) do
+    if used > 0 then
+      redis.call('LTRIM', key_lane(r.pn, list), used, -1)
+      local ahead, rest = r.ahead[list], {}
+      for i = used + 1, #ahead do rest[#rest + 1] = ahead[i] end
+      r.ahead[list], r.used[list] = rest, 0
+    end
+  end
+end
+
+-- Flushes, then forgets what was read: the lanes are about to change.
+local function lanes_forget(r)
+  lanes_flush(r)
+  r.ahead, r.used, r.ended = {}, {}, {}
+end
+
+-- Whether the number has a message to send in a lane it may send from (after `lanes_flush`):
+-- from what was read when that settles it, else the list's length.
+local function lanes_any(r)
   for _, lane in ipairs({'h', 'n', 'l'}) do
-    if redis.call('LLEN', key_lane(pn, lane)) > 0 then return true end
-    if not hold_marketing and redis.call('LLEN', key_lane(pn, lane .. 'm')) > 0 then return true end
+    for _, list in ipairs({lane, lane .. 'm'}) do
+      if list == lane or not r.hold then
+        local ahead = r.ahead[list]
+        if ahead and #ahead > r.used[list] then return true end
+        if not (ahead and r.ended[list])
+            and redis.call('LLEN', key_lane(r.pn, list)) > 0 then
+          return true
+        end
+      end
+    end
   end
   return false
 end
@@ -126,34 +188,44 @@ end
 -- the number's own rate (or the worker's, if slower), each at its place or when the window frees
 -- for it, whichever is later, in order, and within the number's horizon: `lookahead`, or the
 -- time `want` sends take at its rate.
+-- Also returns the log's entries from index `lo` to limit - 1 as read (one before those the
+-- stamps need, so that the entry at limit - 1 after the grants are pushed is known without a
+-- read), and `lo`.
 local function window_stamps(log, limit, want, first_us)
   local first = first_us / 1000
   local step = math.max(spacing_us / 1000, 1000 / limit)
   local horizon = math.max(lookahead, want * 1000 / limit)
-  local head = redis.call('LINDEX', log, 0)
+  local lo = math.max(limit - want - 1, 0)
+  local olds = redis.call('LRANGE', log, lo, limit - 1)
+  local head = olds[1]
+  if lo > 0 then head = redis.call('LINDEX', log, 0) end
   local prev = -1
   if head then prev = tonumber(head) end
-  local olds = redis.call('LRANGE', log, limit - want, limit - 1)
   local stamps = {}
   for j = 0, want - 1 do
     -- its place on the grid, or when the window frees for it: rounding that moment up too
     -- would shift the number's sends a little later every second, rate lost for good
     local at = math.ceil((first + j * step) / quantum) * quantum
-    local e = olds[want - j] -- the entry at index limit - 1 - j
+    local e = olds[limit - j - lo] -- the entry at index limit - 1 - j
     if e and tonumber(e) + window > at then at = tonumber(e) + window end
     if prev > at then at = prev end
     if at > first + horizon then break end
     stamps[j + 1] = at
     prev = at
   end
-  return stamps
+  return stamps, olds, lo
 end
 
 local groups = {}
 local n_groups = 0
 local handed = 0 -- messages handed out so far in this take: the next one's stamp index
+-- Every lease of this take runs out at the same time; a shard's are added in one ZADD (score,
+-- id, ...) at the end of its turn (nothing in the take reads them before).
+local lease_at = ms(now + lease_ms)
+local leased
 
 local function take_due(ready, lease)
+  leased = {}
   local due = redis.call('ZRANGEBYSCORE', ready, '-inf', base, 'LIMIT', 0, max_numbers)
   for _, pn in ipairs(due) do
     if budget <= 0 then break end
@@ -169,38 +241,51 @@ local function take_due(ready, lease)
       redis.call('ZADD', ready, ms(nx), pn)
     else
       local hold_marketing = c[2] == 'red'
+      -- The first retry and scheduled send, read before the range reads: usually there are none
+      -- due, and then they are also what "due again at" below needs (false: none; nil: not
+      -- known, read it again).
       local retry = key_retry(pn)
-      local back = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, 256)
-      for i = #back, 1, -1 do
-        local id = back[i]
-        local m = redis.call('HMGET', key_msg(id), 'l', 'c')
-        if m[1] then redis.call('LPUSH', key_lane(pn, list_of(m[1], m[2])), id) end
-        redis.call('ZREM', retry, id)
+      local retry_next = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2] or false
+      if retry_next then retry_next = tonumber(retry_next) end
+      if retry_next and retry_next <= now then
+        retry_next = nil
+        local back = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, 256)
+        for i = #back, 1, -1 do
+          local id = back[i]
+          local m = redis.call('HMGET', key_msg(id), 'l', 'c')
+          if m[1] then redis.call('LPUSH', key_lane(pn, list_of(m[1], m[2])), id) end
+          redis.call('ZREM', retry, id)
+        end
       end
       -- Scheduled messages whose send_at has come (by this number's first slot: nothing is
       -- sent before its stamp) join the tail of their lane, those due together in accept order
       -- (the members sort by it). One range read per due number, as for retries.
       local sched = key_sched(pn)
-      local released = redis.call('ZRANGEBYSCORE', sched, '-inf', first, 'LIMIT', 0, 256)
-      for _, member in ipairs(released) do
-        local id = string.sub(member, SCHED_ID_AT)
-        local k = key_msg(id)
-        local m = redis.call('HMGET', k, 's', 'l', 'c')
-        if m[1] == 'scheduled' then
-          redis.call('HSET', k, 's', 'queued', 'ua', now_i)
-          redis.call('RPUSH', key_lane(pn, list_of(m[2], m[3])), id)
+      local sched_next = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')[2] or false
+      if sched_next then sched_next = tonumber(sched_next) end
+      if sched_next and sched_next <= first then
+        sched_next = nil
+        local released = redis.call('ZRANGEBYSCORE', sched, '-inf', first, 'LIMIT', 0, 256)
+        for _, member in ipairs(released) do
+          local id = string.sub(member, SCHED_ID_AT)
+          local k = key_msg(id)
+          local m = redis.call('HMGET', k, 's', 'l', 'c')
+          if m[1] == 'scheduled' then
+            redis.call('HSET', k, 's', 'queued', 'ua', now_i)
+            redis.call('RPUSH', key_lane(pn, list_of(m[2], m[3])), id)
+          end
         end
+        if #released > 0 then redis.call('ZREM', sched, unpack(released)) end
       end
-      if #released > 0 then redis.call('ZREM', sched, unpack(released)) end
 
       local rate = tonumber(c[3] or '0')
       local limit = 0
       if rate > 0 then limit = math.max(1, math.floor(rate * (1 - headroom) + 1e-9)) end
-      local chunk, want, log, stamps = 0, 0, nil, nil
+      local chunk, want, log, stamps, olds, lo = 0, 0, nil, nil, nil, 0
       if limit > 0 then
         chunk = math.min(limit, math.max(min_chunk, math.ceil(limit * pace / 1000)))
         log = key_window(pn)
-        stamps = window_stamps(log, limit, math.min(2 * chunk, budget, limit), first_us)
+        stamps, olds, lo = window_stamps(log, limit, math.min(2 * chunk, budget, limit), first_us)
         want = #stamps
         if want == 0 then rate_limited[#rate_limited + 1] = c[5] or '' end
       else
@@ -209,8 +294,9 @@ local function take_due(ready, lease)
 
       local items, written = {}, {}
       local granted, parked = 0, 0
+      local lanes = lanes_of(pn, hold_marketing)
       while granted < want and parked < MAX_PARKED do
-        local id, list = pop_next(pn, hold_marketing)
+        local id, list = lanes_pop(lanes, want - granted)
         if not id then break end
         local k = key_msg(id)
         local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca', 't', 'nb')
@@ -235,14 +321,16 @@ local function take_due(ready, lease)
             if tat - pair_tau > at then
               local not_before = math.ceil(tat - pair_tau)
               redis.call('HSET', pk, 'h', id)
-              if not pair[1] then redis.call('PERSIST', pk) end
+              -- an idle pair (only `t`) expires; a new one has no expiry to remove
+              if not pair[1] and pair[2] then redis.call('PERSIST', pk) end
               redis.call('ZADD', retry, not_before, id)
+              retry_next = nil
               redis.call('HSET', k, 'nb', not_before, 'ua', now_i)
               waits = true
             else
               redis.call('HSET', pk, 'h', id, 't', ms(tat + pair_interval))
               -- held, it must not expire (idle, it did: see release_pair)
-              if not pair[1] then redis.call('PERSIST', pk) end
+              if not pair[1] and pair[2] then redis.call('PERSIST', pk) end
               if m[8] then redis.call('HDEL', k, 'nb') end
             end
           end
@@ -254,13 +342,16 @@ local function take_due(ready, lease)
             redis.call('HSET', k, 's', 'expired', 'ua', now_i)
             redis.call('EXPIRE', k, retention)
             emit_event(id, 'expired', now_i, retention)
+            -- it may put a parked message back on a lane
+            lanes_forget(lanes)
             release_pair(id, pn, m[7], now_i, retention)
             expired = expired + 1
           else
             local fence = tonumber(m[3] or '0') + 1
             local attempts = tonumber(m[4] or '0') + 1
             redis.call('HSET', k, 's', 'sending', 'f', fence, 'a', attempts, 'ua', now_i)
-            redis.call('ZADD', lease, ms(now + lease_ms), id)
+            leased[#leased + 1] = lease_at
+            leased[#leased + 1] = id
             items[#items + 1] = id
             items[#items + 1] = fence
             items[#items + 1] = attempts
@@ -283,13 +374,15 @@ local function take_due(ready, lease)
         end
       end
 
+      lanes_flush(lanes)
       if granted > 0 then
         budget = budget - granted
         handed = handed + granted
         redis.call('HINCRBY', cfg, 'inflight', granted)
         if limit > 0 then
-          redis.call('LPUSH', log, unpack(written))
-          redis.call('LTRIM', log, 0, limit - 1)
+          if redis.call('LPUSH', log, unpack(written)) > limit then
+            redis.call('LTRIM', log, 0, limit - 1)
+          end
           redis.call('PEXPIRE', log, math.ceil(window) + 3000)
         end
         n_groups = n_groups + 1
@@ -305,7 +398,7 @@ local function take_due(ready, lease)
       -- `nx` is "not before" (pacing, window, pause); a wait for a retry is only a ready score,
       -- so that a new message is not held back behind it.
       local next_at, not_before = nil, nil
-      if has_sendable(pn, hold_marketing) then
+      if lanes_any(lanes) then
         if limit > 0 then
           -- paced from its previous schedule, so a late take does not slow the rate down
           local sched = first
@@ -313,7 +406,10 @@ local function take_due(ready, lease)
           next_at = sched + granted * 1000 / limit
           if next_at < first then next_at = first end
           -- and taken again `lookahead` before its next slot frees
-          local oldest = redis.call('LINDEX', log, limit - 1)
+          -- (the entry at limit - 1 of the log: the first written when the grants filled it,
+          -- else the one `granted` places nearer the head before they were pushed)
+          local oldest = olds[limit - granted - lo]
+          if granted >= limit then oldest = written[granted - limit + 1] end
           if oldest and tonumber(oldest) + window - lookahead > next_at then
             next_at = tonumber(oldest) + window - lookahead
           end
@@ -323,12 +419,16 @@ local function take_due(ready, lease)
         end
       else
         -- nothing to send now: due again at its first retry or scheduled send
-        local first_retry = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
-        if first_retry[2] then next_at = tonumber(first_retry[2]) end
-        local first_sched = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
-        if first_sched[2] and (not next_at or tonumber(first_sched[2]) < next_at) then
-          next_at = tonumber(first_sched[2])
+        if retry_next == nil then
+          local first_retry = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
+          retry_next = first_retry[2] and tonumber(first_retry[2]) or false
         end
+        if sched_next == nil then
+          local first_sched = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
+          sched_next = first_sched[2] and tonumber(first_sched[2]) or false
+        end
+        if retry_next then next_at = retry_next end
+        if sched_next and (not next_at or sched_next < next_at) then next_at = sched_next end
       end
       if next_at then
         redis.call('ZADD', ready, ms(next_at), pn)
@@ -337,22 +437,28 @@ local function take_due(ready, lease)
       end
       if not_before then
         redis.call('HSET', cfg, 'nx', ms(not_before))
-      else
+      elseif c[4] then
         redis.call('HDEL', cfg, 'nx')
       end
     end
   end
+  for i = 1, #leased, 1000 do
+    redis.call('ZADD', lease, unpack(leased, i, math.min(i + 999, #leased)))
+  end
+  return #leased > 0
 end
 
 -- When this shard has something to do next: its earliest ready number or lease deadline.
-local function next_due(ready, lease)
+-- `first_lease`: the first lease deadline if known (false: none), nil to read it.
+local function next_due(ready, lease, first_lease)
   local at = -1
   local first = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
   if first[2] then at = tonumber(first[2]) end
-  local first_lease = redis.call('ZRANGE', lease, 0, 0, 'WITHSCORES')
-  if first_lease[2] and (at < 0 or tonumber(first_lease[2]) < at) then
-    at = tonumber(first_lease[2])
+  if first_lease == nil then
+    first_lease = redis.call('ZRANGE', lease, 0, 0, 'WITHSCORES')[2] or false
+    if first_lease then first_lease = tonumber(first_lease) end
   end
+  if first_lease and (at < 0 or first_lease < at) then at = first_lease end
   return at
 end
 
@@ -361,9 +467,13 @@ for s = 1, #KEYS do
   -- the prelude's key functions all read P: point it at this shard
   P = KEYS[s]
   local ready, lease = key_ready(), key_lease()
-  take_back_lapsed(lease)
-  if budget > 0 then take_due(ready, lease) end
-  dues[s] = ms(next_due(ready, lease))
+  local first_lease = take_back_lapsed(lease)
+  if budget > 0 and take_due(ready, lease) and first_lease ~= nil then
+    -- leases were added: the first may be one of them
+    local added = tonumber(lease_at)
+    if first_lease == false or added < first_lease then first_lease = added end
+  end
+  dues[s] = ms(next_due(ready, lease, first_lease))
 end
 
 local out = {ms(now), expired, table.concat(rate_limited, ','), n_groups, deleted,
