@@ -91,6 +91,11 @@ class WakeTokens:
         woken, self._woken = self._woken & set(shards), set()
         return woken
 
+    def watch_only(self, shards: list[int]) -> None:
+        """On a cluster: keep a BLPOP going for these shards' tokens, and none for others."""
+        if self.cluster:
+            self._watch(shards)
+
     def _watch(self, shards: list[int]) -> None:
         wanted = set(shards)
         for shard in list(self._watchers):
@@ -153,6 +158,8 @@ class WakeListener:
         while not stopping.is_set():
             owned = await owned_shards()
             if not owned:
+                # no watcher left taking the tokens of shards now another worker's
+                self.tokens.watch_only([])
                 continue
             try:
                 woken = await self.tokens.wait_any(owned, MAX_WAIT_S)
