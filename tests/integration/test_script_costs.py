@@ -1,0 +1,168 @@
+"""What the cheaper `take` and `settle` must still get right (issue 9: fewer Redis calls per
+message).
+
+`take` reads a number's lanes a run at a time and removes what it took at the end of the
+number's turn; `settle` adds up what its ops owe each number (in flight, sent per second) and
+writes it once per call. These drive the scripts as a worker does, on a real Redis, in the cases
+where that could go wrong: many outcomes of one number in one call, a throttle beside a success,
+a long run of one recipient's messages parked in one take, and a message expiring mid-take that
+lets its recipient's next message go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway import keys
+from gateway.accept.service import Acceptor
+from gateway.drain.take import TakeReply, parse_take, take_args
+from gateway.messages import Messages
+from gateway.registry import Registry
+from gateway.settings import Settings
+from gateway.store import Store
+from tests.integration.test_take_settle import settle
+
+PN = "555123456789"
+ANA = "5491140000001"
+BEA = "5491140000002"
+
+
+async def take(store: Store, budget: int = 100, in_order: bool = False) -> TakeReply:
+    shard = keys.shard_of(PN, store.shards)
+    args = take_args(
+        1010.0,
+        budget=budget,
+        lease_ms=30_000,
+        headroom=0.0,
+        retention_s=3600,
+        start_us=0,
+        spacing_us=100,
+        recipient_order=in_order,
+    )
+    return parse_take([shard], await store.script("take", shard, args))
+
+
+async def queue(store: Store, settings: Settings, *users: str, **fields: Any) -> list[str]:
+    messages = [
+        {"phone_number_id": PN, "to": user, "type": "text", "text": {"body": f"m{i}"}} | fields
+        for i, user in enumerate(users)
+    ]
+    result = await Acceptor(store, settings).send_batch({"messages": messages})
+    assert result["accepted"] == len(users), result
+    return [r["id"] for r in result["results"]]
+
+
+async def status(store: Store, message_id: str) -> str:
+    return str((await Messages(store).get(message_id))["status"])
+
+
+async def number(store: Store) -> dict[str, Any]:
+    view = await Registry(store).get(PN)
+    assert view is not None
+    return view
+
+
+async def test_one_call_settling_many_messages_of_a_number_counts_each(
+    store: Store, settings: Settings
+) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    ids = await queue(store, settings, *[f"54911400{i:05d}" for i in range(30)])
+    items = (await take(store)).items
+    assert [i.id for i in items] == ids
+    assert (await number(store))["inflight"] == 30
+    # one late answer of an attempt that no longer owns its message changes nothing
+    stale = ("S", items[0].id, str(int(items[0].fence) + 1), "wamid.late")
+    ops = [stale] + [("S", i.id, i.fence, f"wamid.{n}") for n, i in enumerate(items[:25])]
+    ops += [("F", i.id, i.fence, '{"code":1}') for i in items[25:]]
+    assert await settle(store, *ops) == [0] + [1] * 30
+    view = await number(store)
+    assert view["inflight"] == 0
+    assert view["sent_last_minute"] == 25
+    assert [await status(store, i) for i in ids] == ["sent"] * 25 + ["failed"] * 5
+    # a second call in the same minute adds to the count
+    more = await queue(store, settings, ANA, BEA)
+    again = (await take(store)).items
+    assert [i.id for i in again] == more
+    assert await settle(store, *[("S", i.id, i.fence, "") for i in again]) == [1, 1]
+    view = await number(store)
+    assert view["sent_last_minute"] == 27
+    assert view["inflight"] == 0
+
+
+async def test_a_throttle_beside_a_success_in_one_call_still_pauses_the_number(
+    store: Store, settings: Settings
+) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    ids = await queue(store, settings, ANA, BEA, ANA)
+    first, second, third = (await take(store)).items
+    codes = await settle(
+        store,
+        ("S", first.id, first.fence, "wamid.1"),
+        ("Q", third.id, third.fence, "throttle"),
+        ("Q", second.id, second.fence, "throttle"),
+    )
+    assert codes == [1, 1, 1]
+    assert await status(store, ids[0]) == "sent"
+    # paused about a second (the second throttle of the same burst does not double it)
+    assert (await take(store)).items == []
+    await asyncio.sleep(1.1)
+    back = (await take(store)).items
+    assert [i.id for i in back] == ids[1:]
+    assert (await number(store))["inflight"] == 2
+    # a success after a throttle resets the backoff: the next throttle pauses 1 s again, not 2
+    codes = await settle(
+        store, ("S", back[0].id, back[0].fence, ""), ("Q", back[1].id, back[1].fence, "throttle")
+    )
+    assert codes == [1, 1]
+    assert (await take(store)).items == []
+    await asyncio.sleep(1.1)
+    assert [i.id for i in (await take(store)).items] == ids[2:]
+
+
+async def test_a_take_goes_past_a_long_run_of_one_recipients_parked_messages(
+    store: Store, settings: Settings
+) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    ana = await queue(store, settings, *[ANA] * 20)
+    [bea] = await queue(store, settings, BEA)
+    taken = await take(store, budget=2, in_order=True)
+    # Ana's first goes; her 19 others park behind it; Bea's, after them in the lane, goes too
+    assert [i.id for i in taken.items] == [ana[0], bea]
+    view = await number(store)
+    assert sum(view["queue_depth"].values()) == 19
+    assert (await take(store, in_order=True)).items == []
+    # each of Ana's comes back in order as the one before it ends
+    sent = []
+    item = taken.items[0]
+    for _ in range(20):
+        assert await settle(store, ("S", item.id, item.fence, "")) == [1]
+        sent.append(item.id)
+        following = (await take(store, in_order=True)).items
+        if not following:
+            break
+        [item] = following
+    assert sent == ana
+    assert sum((await number(store))["queue_depth"].values()) == 0
+
+
+async def test_a_message_that_expires_mid_take_lets_the_next_one_go_in_the_same_take(
+    store: Store, settings: Settings
+) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [first] = await queue(store, settings, ANA, ttl_seconds=1)
+    [later] = await queue(store, settings, ANA)
+    # the first holds its recipient; the later one parks behind it
+    [held] = (await take(store, budget=2, in_order=True)).items
+    assert held.id == first
+    # put back (say, sent too late): it keeps holding its recipient
+    assert await settle(store, ("Q", held.id, held.fence)) == [1]
+    [other] = await queue(store, settings, BEA)
+    await asyncio.sleep(1.1)
+    # the first has expired: it ends, and Ana's next goes back to the head of the lane and is
+    # taken in this same take, before Bea's
+    taken = await take(store, in_order=True)
+    assert taken.expired == 1
+    assert [i.id for i in taken.items] == [later, other]
+    assert await status(store, first) == "expired"
+    assert sum((await number(store))["queue_depth"].values()) == 0
