@@ -8,7 +8,7 @@ the one Meta applies at 6 s.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,13 @@ from gateway.accept.service import Acceptor
 from gateway.registry import Registry
 from gateway.store import Store
 from tests.acceptance.commands import Command, clean_env
-from tests.acceptance.test_drain_processes import Upstream, drained, start_workers
-from tests.conftest import make_settings
+from tests.acceptance.test_drain_processes import (  # noqa: F401 (fixtures)
+    Upstream,
+    drained,
+    redis_server,
+    start_workers,
+    store,
+)
 from tests.integration.drain_support import sustained_rate
 from tests.servers import RedisServer, free_port
 
@@ -40,22 +45,6 @@ class PairUpstream(Upstream):
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Store]:
-    settings = make_settings(redis_server.url, tmp_path / "data")
-    store = Store.from_settings(settings, redis_server.url)
-    yield store
-    await store.close()
-
-
-@pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[Upstream]:
     box = PairUpstream(tmp_path)
     yield box
@@ -63,7 +52,10 @@ def upstream(tmp_path: Path) -> Iterator[Upstream]:
 
 
 async def test_one_recipient_in_order_among_many_at_the_full_rate(
-    tmp_path: Path, redis_server: RedisServer, store: Store, upstream: Upstream
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811
+    store: Store,  # noqa: F811
+    upstream: Upstream,
 ) -> None:
     registry = Registry(store)
     await registry.put(PN, {"throughput_tier": "high", "status": "pending"})

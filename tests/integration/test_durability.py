@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,6 @@ def waitaof_server() -> str:
     return found.path
 
 
-@pytest.fixture
-def primary(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "primary")
-    server.start()
-    yield server
-    server.stop()
-
-
 def start_replica(tmp_path: Path, primary: RedisServer) -> RedisServer:
     replica = RedisServer(
         tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(primary.port))
@@ -78,24 +70,24 @@ async def wait_replicas(url: str, count: int) -> None:
 
 @pytest.fixture
 async def replica_mode(
-    primary: RedisServer, tmp_path: Path
+    private_redis: RedisServer, tmp_path: Path
 ) -> AsyncIterator[tuple[TestClient[Any, Any], Store]]:
     settings = make_settings(
-        primary.url, tmp_path / "data", ack_durability="replica", ack_timeout=0.3
+        private_redis.url, tmp_path / "data", ack_durability="replica", ack_timeout=0.3
     )
-    store = Store.from_settings(settings, primary.url)
+    store = Store.from_settings(settings, private_redis.url)
     async with TestClient(TestServer(create_app(settings, store))) as client:
         yield client, store
     await store.close()
 
 
 async def test_replica_mode_answers_202_once_a_replica_has_the_message(
-    primary: RedisServer, replica_mode: tuple[TestClient[Any, Any], Store], tmp_path: Path
+    private_redis: RedisServer, replica_mode: tuple[TestClient[Any, Any], Store], tmp_path: Path
 ) -> None:
     client, _ = replica_mode
-    replica = start_replica(tmp_path, primary)
+    replica = start_replica(tmp_path, private_redis)
     try:
-        await wait_replicas(primary.url, 1)
+        await wait_replicas(private_redis.url, 1)
         await register(client, PN)
         on_replica = Redis.from_url(replica.url)
         try:
@@ -117,7 +109,7 @@ async def test_replica_mode_answers_202_once_a_replica_has_the_message(
 
 
 async def test_replica_mode_without_a_replica_answers_503_and_keeps_the_message(
-    primary: RedisServer, replica_mode: tuple[TestClient[Any, Any], Store], tmp_path: Path
+    private_redis: RedisServer, replica_mode: tuple[TestClient[Any, Any], Store], tmp_path: Path
 ) -> None:
     client, _ = replica_mode
     await register(client, PN)
@@ -131,9 +123,9 @@ async def test_replica_mode_without_a_replica_answers_503_and_keeps_the_message(
     assert again.status == 503
     view = await client.get(f"/v1/phone-numbers/{PN}", headers=ADMIN)
     assert (await view.json())["queue_depth"]["normal"] == 1  # queued once, not lost, not twice
-    replica = start_replica(tmp_path, primary)
+    replica = start_replica(tmp_path, private_redis)
     try:
-        await wait_replicas(primary.url, 1)
+        await wait_replicas(private_redis.url, 1)
         retried = await client.post("/v1/messages", json=text_message(PN), headers=headers)
         assert retried.status == 202
         assert retried.headers.get("Idempotent-Replayed") == "true"
