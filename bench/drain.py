@@ -118,7 +118,10 @@ async def _drain(
         GATEWAY_WORKERS="1",
         GATEWAY_WORKER_CONCURRENCY=str(concurrency),
     ) as worker:
+        cpu_before, wall_before = stack.cpu_seconds(worker.pid), time.monotonic()
         await stack.wait_sent(root, total, 600)
+        cpu = stack.cpu_seconds(worker.pid) - cpu_before
+        wall = time.monotonic() - wall_before
         await asyncio.sleep(1.5)  # the worker flushes its metrics every second
         counters = _scrape(worker.port)  # type: ignore[attr-defined]
     arrivals = await _arrivals(root)
@@ -134,6 +137,10 @@ async def _drain(
         "numbers": len(tiers),
         "messages": total,
         "drain_per_s": round(_rate([t for times in arrivals.values() for t in times])),
+        # the worker's CPU (what it costs per message, and the share of its core it used:
+        # under 1 means something other than its CPU set the pace)
+        "worker_cpu_us_per_message": round(cpu / max(total, 1) * 1e6, 1),
+        "worker_cpu_share": round(cpu / max(wall, 1e-9), 2),
         "grants_returned": int(returned),
         "returned_by_stage": {
             k.removeprefix("returned_"): int(v)
@@ -193,6 +200,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "raw_client_reported": raw.stdout.decode().strip(),
         "unlimited_ratio_to_raw": round(ratio, 3),
         "unlimited_runs_per_s": [r["drain_per_s"] for r in references],
+        "unlimited_runs_worker_cpu": [
+            (r["worker_cpu_us_per_message"], r["worker_cpu_share"]) for r in references
+        ],
         "runs": runs,
         "targets": {
             "unlimited_ratio_to_raw": TARGET_RAW,

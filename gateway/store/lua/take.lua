@@ -20,10 +20,13 @@
 -- Every message handed out gets a send time, its stamp. The worker can start one message per
 -- slot (start + k * spacing for the k-th of the take, counting across numbers) and starts each
 -- at its stamp, so the gap between stamp and arrival upstream is only timer jitter, never this
--- call's round trip. A rate-limited number's stamps are spread at its own rate from its first
--- slot, so its sends (and the worker's CPU) flow evenly rather than in bursts, and rounded up to
--- a grid of `quantum_ms`, so that the worker starts them a handful at a time: an event loop turn
--- per send would cost more CPU than the send.
+-- call's round trip. A rate-limited number's stamps are its slots (or later, when its window
+-- frees), rounded up to a grid of `quantum_ms`, so that the worker starts them a handful at a
+-- time: an event loop turn per send would cost more CPU than the send. They are not spread at
+-- the number's own rate: the pacing below already spreads a number's sends over its second, and
+-- spreading a take's grants too made a small tier's grants wait up to 200 ms in the worker for
+-- their stamps, holding its sender slots (2026-11-29: 1,000 mixed numbers drained at 0.41-0.48
+-- of one unlimited number with the worker's CPU half idle, 0.8-0.9 packed).
 --
 -- The rate is a sliding-window log (`rl:<pn>`: stamps in ms, newest first, at most `limit`
 -- entries). The j-th grant of a take is allowed from the moment the entry that would then be the
@@ -184,17 +187,15 @@ local function lanes_any(r)
   return false
 end
 
--- The stamps (ms) of up to `want` grants for a number whose slots start at first_us: spread at
--- the number's own rate (or the worker's, if slower), each at its place or when the window frees
--- for it, whichever is later, in order, and within the number's horizon: `lookahead`, or the
--- time `want` sends take at its rate.
+-- The stamps (ms) of up to `want` grants for a number whose slots start at first_us, one per
+-- slot: each at its slot or when the window frees for it, whichever is later, in order, and
+-- within `lookahead` of the first slot.
 -- Also returns the log's entries from index `lo` to limit - 1 as read (one before those the
 -- stamps need, so that the entry at limit - 1 after the grants are pushed is known without a
 -- read), and `lo`.
 local function window_stamps(log, limit, want, first_us)
   local first = first_us / 1000
-  local step = math.max(spacing_us / 1000, 1000 / limit)
-  local horizon = math.max(lookahead, want * 1000 / limit)
+  local step = spacing_us / 1000
   local lo = math.max(limit - want - 1, 0)
   local olds = redis.call('LRANGE', log, lo, limit - 1)
   local head = olds[1]
@@ -209,7 +210,7 @@ local function window_stamps(log, limit, want, first_us)
     local e = olds[limit - j - lo] -- the entry at index limit - 1 - j
     if e and tonumber(e) + window > at then at = tonumber(e) + window end
     if prev > at then at = prev end
-    if at > first + horizon then break end
+    if at > first + lookahead then break end
     stamps[j + 1] = at
     prev = at
   end
