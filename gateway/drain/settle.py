@@ -218,7 +218,7 @@ class Settler:
                 if isinstance(reply, Exception):
                     if not isinstance(reply, StoreUnavailable):
                         raise reply  # a bug, not an outage: it must not be retried forever
-                    self.outage.failed(reply)
+                    self.outage.shards_failed(part, reply)
                     pending += part
                     continue
                 ordered += [op for shard in part for op in by_shard[shard]]

@@ -164,7 +164,7 @@ class WakeListener:
             try:
                 woken = await self.tokens.wait_any(owned, MAX_WAIT_S)
             except StoreUnavailable as exc:
-                self.outage.failed(exc)
+                self.outage.shards_failed(owned, exc)
                 await asyncio.sleep(OUTAGE_BACKOFF_S)  # outage backoff
                 continue
             if woken:

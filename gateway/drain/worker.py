@@ -43,7 +43,15 @@ from gateway.drain.schedule import SendSchedule
 from gateway.drain.senders import Senders
 from gateway.drain.settle import Settler
 from gateway.drain.shards import ShardOwnership
-from gateway.drain.take import NodeShares, TakeReply, merge_takes, parse_take, take_args
+from gateway.drain.take import (
+    LOOKAHEAD_MS,
+    MAX_LEAD_MS,
+    NodeShares,
+    TakeReply,
+    merge_takes,
+    parse_take,
+    take_args,
+)
 from gateway.drain.upstream import CloudApi
 from gateway.drain.wake import MAX_WAIT_S, WakeListener
 from gateway.errors import StoreUnavailable
@@ -88,7 +96,10 @@ class Drain:
         )
         self.ownership = ShardOwnership(store, self.worker_id, on_gain=self._gained)
         assert settings.redis_url is not None
-        self.outage = RedisOutage()
+        self.window_ms = 1000.0 + settings.rate_slack * 1000.0
+        # After a failure, a shard waits until no grant its server may have lost can still be
+        # in a window: one window, plus how far ahead of the server's clock a take stamps.
+        self.outage = RedisOutage(hold_s=(self.window_ms + MAX_LEAD_MS + LOOKAHEAD_MS) / 1000)
         self.wake = WakeListener(settings.redis_url, self.outage, settings.shards)
         self.clock = ServerClock()
         tolerance = settings.rate_slack * TOLERANCE_SHARE
@@ -103,7 +114,6 @@ class Drain:
         )
         self.refill_at = max(1, min(64, settings.worker_concurrency // 8))
         self.node_shares = NodeShares()
-        self.window_ms = 1000.0 + settings.rate_slack * 1000.0
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         # Without a signing secret no callback can be sent (`gateway run` always has one).
@@ -220,7 +230,9 @@ class Drain:
             for shard in self.wake.take_woken():
                 due_at[shard] = 0.0
             start = self.schedule.next_start(now, self.clock.lead)
-            due = [s for s in owned if due_at.get(s, 0.0) <= start]
+            for shard in owned:  # shards held after a failure (`RedisOutage`)
+                due_at[shard] = max(due_at.get(shard, 0.0), self.outage.held_until(shard))
+            due = [s for s in owned if due_at[s] <= start]
             if not due:
                 soonest = min(due_at[s] for s in owned)
                 await self.wake.wait(min(max(soonest - start, 0.0005), MAX_WAIT_S))
@@ -292,9 +304,10 @@ class Drain:
             if isinstance(reply, Exception):
                 if not isinstance(reply, StoreUnavailable):
                     raise reply  # a bug, not an outage: it must not be retried forever
-                self.outage.failed(reply)
+                self.outage.shards_failed(part, reply)
                 failed += part
                 continue
+            self.outage.shards_answered(part)
             self.clock.observe(sent, float(reply[0]), received)
             parts.append(parse_take(part, reply, self.clock))
         if not parts:
