@@ -173,6 +173,12 @@ def sandbox(cpus: set[int] | None = None) -> Iterator[str]:
     env = clean_env(GATEWAY_PORT=str(port), GATEWAY_LOG_LEVEL="WARNING", GATEWAY_PAIR_INTERVAL="0")
     process = Process([gateway_bin(), "sandbox"], env)
     pin(process.pid, cpus)
+    # It plays Meta's servers, which do not share a CPU with the gateway: kept off the CPU for
+    # 10-25 ms by the worker processes here, it stamps the requests that queued meanwhile as one
+    # bunch and measures its own scheduling (seen in `accuracy`, 4 workers on 2 cores: arrivals
+    # up to 25 ms after the write). So it runs at a higher priority where it may (as root).
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, process.pid, -10)
     root = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{root}/_sandbox/stats")
