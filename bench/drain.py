@@ -157,6 +157,9 @@ async def _drain(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     worker_cpu, other_cpu = {0}, {1}
     shapes = [s for s in args.shapes.split(",") if s]
+    # This process polls the sandbox and parses its answers (a tenth of a core): on the
+    # worker's CPU it kept the worker off it for milliseconds at a time, making sends late.
+    stack.pin(0, other_cpu)
     with stack.redis_server(other_cpu) as redis_url, stack.sandbox(other_cpu) as root:
         raw = subprocess.run(
             [

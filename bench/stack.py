@@ -49,11 +49,14 @@ def gateway_bin() -> str:
     return str(Path(sys.executable).parent / "gateway")
 
 
+# The CPUs this benchmark may use, read before it pins itself anywhere.
+ALL_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+
+
 def pin(pid: int, cpus: set[int] | None) -> None:
     """Keep a process on these CPUs (when the machine has them)."""
     if cpus and hasattr(os, "sched_setaffinity"):
-        available = os.sched_getaffinity(0)
-        chosen = cpus & available
+        chosen = cpus & ALL_CPUS
         if chosen:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(pid, chosen)
