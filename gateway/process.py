@@ -152,7 +152,6 @@ async def serve(settings: Settings, role: Role, index: int) -> None:
                 token,
                 timeout_s=settings.upstream_timeout,
                 pool_size=settings.worker_concurrency,
-                max_mps=settings.upstream_max_mps,
             )
             await api.start()
             drain = Drain(settings, store, api, worker_id=worker_id)

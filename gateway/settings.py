@@ -210,7 +210,9 @@ class Settings:
     )
     upstream_max_mps: float | None = _setting(
         None,
-        "Process-wide cap on upstream requests per second (unset: none).",
+        "Cap on the whole fleet's upstream requests in any sliding second, held in Redis "
+        "(unset: none). Every send then starts at its time, and a backlog drains at about "
+        "95% of it.",
         parse_optional_float,
     )
     upstream_timeout: float = _setting(

@@ -100,9 +100,10 @@ class SendSchedule:
         self._returned += 1
 
     def started(self, lateness: float, limited: bool) -> None:
-        """A send started `lateness` seconds after its stamp (`limited`: a rate-limited one).
+        """A send started `lateness` seconds after its stamp (`limited`: one with a time to keep,
+        rate-limited or under the fleet's upstream cap).
 
-        Only rate-limited sends have a time to keep: an unlimited one may start whenever.
+        Only those have a time to keep: an unlimited one may start whenever.
         """
         self._started += 1
         if limited:

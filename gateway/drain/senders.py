@@ -2,12 +2,13 @@
 
 Rate-limited messages wait in stamp order (`waiting`, a heap); the dispatcher releases each when
 its stamp comes to the senders, `worker_concurrency` coroutines that each send one message at a
-time. Unlimited messages have no time to keep and go to the senders at once. A rate-limited
-send that would be written more than the tolerance after its stamp is not sent: it is put back
-and its grant returned (`gateway_grants_returned_total`). It is checked when a sender picks the
-message up and when the connection is in hand (against the tolerance less `WRITE_MARGIN_S`),
-and when aiohttp writes the request (against the tolerance itself; see
-`gateway.drain.upstream`).
+time. Unlimited messages have no time to keep and go to the senders at once, unless the fleet's
+upstream cap is set (`all_timed`): its exactness rests on every send starting at its stamp
+(`gateway.drain.fleet`). A timed send that would be written more than the tolerance after its
+stamp is not sent: it is put back and its grant returned (`gateway_grants_returned_total`).
+It is checked when a sender picks the message up and when the connection is in hand (against
+the tolerance less `WRITE_MARGIN_S`), and when aiohttp writes the request (against the
+tolerance itself; see `gateway.drain.upstream`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ class Senders:
         *,
         concurrency: int,
         tolerance_s: float,
+        all_timed: bool = False,
     ) -> None:
         self.api = api
+        self.all_timed = all_timed
         self.settler = settler
         self.schedule = schedule
         self.concurrency = concurrency
@@ -87,11 +90,15 @@ class Senders:
             self.tasks.append(asyncio.create_task(self._sender(), name=f"drain-sender-{index}"))
         return self.tasks
 
+    def timed(self, item: Taken) -> bool:
+        """Whether a send must start at its stamp: a rate-limited one, or any under the cap."""
+        return self.all_timed or bool(item.limit)
+
     def add(self, items: list[Taken]) -> None:
-        """Messages a take handed over: rate-limited ones wait for their stamps, the rest go."""
+        """Messages a take handed over: timed ones wait for their stamps, the rest go."""
         self.held += len(items)
         for item in items:
-            if item.limit:
+            if self.timed(item):
                 heapq.heappush(self.waiting, (item.not_before, next(self._order), item))
             else:
                 # no time to keep: started at once, in bulk, which is cheapest per send
@@ -155,7 +162,8 @@ class Senders:
                 self._done()
 
     async def _deliver(self, item: Taken) -> None:
-        if item.limit:
+        timed = self.timed(item)
+        if timed:
             # From the earliest its stamp can be; but never less than half the tolerance after
             # the time it may be written: while the clock's bracket is wide (a cold start on a
             # busy process), a send may then be up to the bracket's width less half the
@@ -169,8 +177,6 @@ class Senders:
             not_before = 0.0
         body = TimedBody(upstream_body(item.payload), start_by, deadline, not_before)
         try:
-            if self.api.limiter is not None:
-                await self.api.limiter.acquire()
             now = time.monotonic()
             lateness = now - item.not_before
             if now > start_by:
@@ -191,7 +197,7 @@ class Senders:
             return
         if answer.started_at is not None:
             lateness = answer.started_at - item.not_before
-            self.schedule.started(lateness, bool(item.limit))
+            self.schedule.started(lateness, timed)
             metrics.local_start_lateness.observe(max(lateness, 0.0))
         self._returns.sent()
         self.sent += 1
@@ -199,7 +205,7 @@ class Senders:
 
     def _returned(self, item: Taken, lateness: float, stage: str) -> None:
         """A send too late to start: `stage` is where it was caught (queued, connect, write)."""
-        self.schedule.started(lateness, bool(item.limit))
+        self.schedule.started(lateness, self.timed(item))
         metrics.local_grants_returned.inc(item.tier, stage)
         self.settler.put_back(item)
         if self._returns.returned():

@@ -68,9 +68,11 @@ def take_args(
     pair_interval_ms: float = 0.0,
     pair_burst: int = 1,
     recipient_order: bool = False,
+    fleet_bound_ms: float = 0.0,
 ) -> list[Any]:
     """The ARGV of take.lua, in its order (a pair interval of 0: no pacing per recipient;
-    pacing keeps per-recipient order whatever `recipient_order` says)."""
+    pacing keeps per-recipient order whatever `recipient_order` says; a fleet bound of 0: no
+    upstream cap, else `start_us` is the first slot the fleet reserved, `gateway.drain.fleet`)."""
     return [
         budget,
         MAX_NUMBERS_PER_TAKE,
@@ -89,6 +91,7 @@ def take_args(
         pair_interval_ms,
         pair_burst,
         1 if recipient_order else 0,
+        fleet_bound_ms,
     ]
 
 

@@ -1,8 +1,8 @@
 """The Cloud API client: one keep-alive `ClientSession` per process, a timeout on every request.
 
 `send` never raises for an upstream problem: every answer, timeout or connection error comes
-back classified (`gateway.drain.classify`). `GATEWAY_UPSTREAM_MAX_MPS` caps this process's
-request rate with an `aiolimiter.AsyncLimiter`.
+back classified (`gateway.drain.classify`). `GATEWAY_UPSTREAM_MAX_MPS` is the fleet's, granted in
+Redis with the takes (`gateway.drain.fleet`), not a limit of this client.
 
 A send may carry a deadline, when the request must leave by (a rate-limited grant is only exact
 if it does), and an earlier `start_by`. A late request is never written: the answer is then
@@ -32,7 +32,6 @@ from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.payload import BytesPayload
 from aiohttp.tracing import Trace
-from aiolimiter import AsyncLimiter
 from yarl import URL
 
 from gateway import metrics
@@ -109,13 +108,11 @@ class CloudApi:
         *,
         timeout_s: float,
         pool_size: int,
-        max_mps: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.default_token = default_token
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.pool_size = pool_size
-        self.limiter = AsyncLimiter(max_mps, 1.0) if max_mps else None
         self._session: aiohttp.ClientSession | None = None
         self._headers: dict[str | None, dict[str, str]] = {}  # per access token
 

@@ -22,6 +22,9 @@ What a take asks for is sized by `gateway.drain.schedule`: the sends this proces
 can start on time over the next step, from where the previous take's end. That is what keeps
 put-backs rare with thousands of rate-limited numbers due at once: a take never grants more
 than can start before its grants go stale.
+
+With `GATEWAY_UPSTREAM_MAX_MPS` set, each take first reserves its slots in the fleet's log
+(`gateway.drain.fleet`) and every send, of unlimited numbers too, starts at its stamp.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 from gateway import metrics
 from gateway.callbacks.sender import CallbackSender
 from gateway.drain.clock import ServerClock
+from gateway.drain.fleet import BOUND_MS, FleetCap, Reservation
 from gateway.drain.outage import RedisOutage
 from gateway.drain.schedule import SendSchedule
 from gateway.drain.senders import Senders
@@ -105,12 +109,20 @@ class Drain:
         tolerance = settings.rate_slack * TOLERANCE_SHARE
         self.schedule = SendSchedule(tolerance, settings.upstream_max_mps)
         self.settler = Settler(settings, store, self.outage)
+        self.fleet: FleetCap | None = None
+        if settings.upstream_max_mps is not None:
+            self.fleet = FleetCap(
+                store, self.clock, self.worker_id, settings.upstream_max_mps, self.window_ms
+            )
+        self._fleet_free_at = 0.0  # a refused reserve: when one would be granted (monotonic)
+        self._fleet_failed_at: float | None = None  # the first failure of the fleet's node
         self.senders = Senders(
             api,
             self.settler,
             self.schedule,
             concurrency=settings.worker_concurrency,
             tolerance_s=tolerance,
+            all_timed=self.fleet is not None,
         )
         self.refill_at = max(1, min(64, settings.worker_concurrency // 8))
         self.node_shares = NodeShares()
@@ -252,12 +264,13 @@ class Drain:
             metrics.DRAIN_START_RATE.set(self.schedule.rate)
 
     async def _make_room(self) -> None:
-        """Wait until a take is worth making: room in the schedule and free sender slots."""
+        """Wait until a take is worth making: room in the schedule, free sender slots and, under
+        the upstream cap, slots the fleet can reserve."""
         senders = self.senders
         while not self.stopping.is_set():
             now = time.monotonic()
             self._learn(now)
-            wait = self.schedule.wait_for_room(now, self.clock.lead)
+            wait = max(self.schedule.wait_for_room(now, self.clock.lead), self._fleet_free_at - now)
             if wait > 0:
                 await asyncio.sleep(wait)
             elif senders.free < self.refill_at:
@@ -271,25 +284,51 @@ class Drain:
         """Take from these shards and hand the messages to the senders; when each is next due."""
         free = self.senders.free
         budget = self.schedule.budget(free)
-        start = self.schedule.next_start(time.monotonic(), self.clock.lead)
+        lead = self.clock.lead + (self.fleet.lag if self.fleet is not None else 0.0)
+        start = self.schedule.next_start(time.monotonic(), lead)
+        start_us = self.clock.to_server_us(start)
         spacing = self.schedule.spacing_us()
+        granted, reservation = budget, None
+        if self.fleet is not None:
+            try:
+                reservation = await self.fleet.reserve(start_us, spacing, budget)
+            except StoreUnavailable as exc:  # the fleet's node: nothing is sent without it
+                self.outage.failed(exc)
+                # and its log may come back without its latest members, as a window log may
+                # (`RedisOutage`): the next reserve waits out the same hold
+                now = time.monotonic()
+                if self._fleet_failed_at is None:
+                    self._fleet_failed_at = now
+                self._fleet_free_at = max(self._fleet_failed_at + self.outage.hold_s, now + 0.2)
+                return {}
+            self._fleet_failed_at = None
+            if not reservation.granted:
+                # The shards stay due; the take loop waits until the fleet has room within
+                # the lead a reserve may be granted at.
+                self._fleet_free_at = self.fleet.retry_at(reservation)
+                return {}
+            granted, start_us = reservation.granted, reservation.start_us
         # On a Redis Cluster one take per node, each with its share of the budget and slots
         # (`NodeShares`); on one node the plain take.
-        plan = self.node_shares.plan(self.store.node_parts(shards), budget)
+        plan = self.node_shares.plan(self.store.node_parts(shards), granted)
 
         def args(part: list[int]) -> list[Any]:
             share, offset = plan.get(part[0], (1, 0))
+            if reservation is not None:
+                # only the slots reserved: the shares may add up to more than the budget
+                share = max(0, min(share, granted - offset))
             return take_args(
                 self.window_ms,
                 budget=share,
                 lease_ms=int(self.settings.lease_seconds * 1000),
                 headroom=self.settings.rate_headroom,
                 retention_s=int(self.settings.status_retention),
-                start_us=self.clock.to_server_us(start) + offset * spacing,
+                start_us=start_us + offset * spacing,
                 spacing_us=spacing,
                 pair_interval_ms=self.settings.pair_interval * 1000.0,
                 pair_burst=self.settings.pair_burst,
                 recipient_order=self.settings.recipient_order,
+                fleet_bound_ms=BOUND_MS if reservation is not None else 0.0,
             )
 
         sent = time.monotonic()
@@ -311,6 +350,8 @@ class Drain:
             self.clock.observe(sent, float(reply[0]), received)
             parts.append(parse_take(part, reply, self.clock))
         if not parts:
+            if reservation is not None:
+                await self._settle_fleet(reservation, [])
             await asyncio.sleep(0.2)  # outage backoff, not a polling sleep on the normal path
             return dict.fromkeys(shards, time.monotonic())
         if not failed:
@@ -329,6 +370,8 @@ class Drain:
             self.schedule.scheduled(slots_end, taken.slots, budget, free)
         if taken.items:
             self.senders.add(taken.items)
+        if reservation is not None:
+            await self._settle_fleet(reservation, [item.stamp for item in taken.items])
         due = {
             shard: float("inf") if due_ms < 0 else self.clock.local_earliest(int(due_ms * 1000))
             for shard, due_ms in taken.next_due_ms.items()
@@ -336,3 +379,12 @@ class Drain:
         if failed:  # a cluster node that failed: its shards are tried again after a backoff
             due.update(dict.fromkeys(failed, time.monotonic() + 0.2))
         return due
+
+    async def _settle_fleet(self, reservation: Reservation, stamps: list[str]) -> None:
+        """Tell the fleet's log what a take made of its reservation (`FleetCap.settle`)."""
+        assert self.fleet is not None
+        try:
+            await self.fleet.settle(reservation, stamps)
+        except StoreUnavailable as exc:
+            # its members keep their bound: some of the cap held a little longer, no more
+            self.outage.failed(exc)

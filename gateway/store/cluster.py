@@ -195,10 +195,39 @@ class ClusterScripts:
     ) -> Any:
         """One script call on `node` for `shards` (their prefixes are prepended to ARGV);
         with `wait`, followed on the same connection by its durability wait."""
+        return await self._call(node, name, [keys.prefix(s) for s in shards], args, wait)
+
+    async def run_at(self, name: str, prefix: str, args: list[Any]) -> Any:
+        """Run `name` on keys of a prefix of their own (the fleet's), on the node serving it.
+
+        A node that fails raises as `call` does. A slot being migrated is refused, as for a
+        take: tried once more on a fresh slot map, then `StoreUnavailable`.
+        """
+        await self._ready()
+        slot = self.client.keyslot(prefix)
+        for attempt in range(2):
+            node = self.slots.node_of(slot)
+            if node is not None:
+                try:
+                    return await self._call(node, name, [prefix], args)
+                except Refused:
+                    pass
+            if attempt == 0:
+                await self.slots.refresh(force=True)
+        raise StoreUnavailable(f"no cluster node serves {prefix}")
+
+    async def _call(
+        self,
+        node: ClusterNode,
+        name: str,
+        prefixes: list[str],
+        args: list[Any],
+        wait: Durability | None = None,
+    ) -> Any:
         sha = self._shas.get(name)
         if sha is None:
             sha = self._shas[name] = _sha1(self._sources[name])
-        argv = [len(shards), *(keys.prefix(s) for s in shards), *args]
+        argv = [len(prefixes), *prefixes, *args]
         try:
             try:
                 return await _evalsha(node, sha, argv, wait)

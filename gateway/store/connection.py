@@ -194,6 +194,14 @@ class Store:
         with unavailable_on_redis_errors():
             return await self.scripts.run_on(name, shards, args)
 
+    async def script_at(self, name: str, prefix: str, args: list[Any]) -> Any:
+        """Run a script on keys of a prefix of their own, outside every shard (the fleet's):
+        one call, on a cluster to the node serving that prefix."""
+        with unavailable_on_redis_errors():
+            if self.cluster is not None:
+                return await self.cluster.run_at(name, prefix, args)
+            return await self.scripts.run_at(name, prefix, args)
+
     async def script_per_node(
         self,
         name: str,

@@ -32,6 +32,7 @@ NAMES = (
     "callback_claim",
     "callback_done",
     "receipts",
+    "fleet",
 )
 
 
@@ -58,6 +59,10 @@ class Scripts:
     async def run_on(self, name: str, shards: list[int], args: list[Any]) -> Any:
         """Run a script that takes the prefixes of several shards (`push`, `settle`)."""
         return await self._call(name, [keys.prefix(s) for s in shards], args)
+
+    async def run_at(self, name: str, prefix: str, args: list[Any]) -> Any:
+        """Run a script on keys of a prefix of their own (the fleet's: `fleet.lua`)."""
+        return await self._call(name, [prefix], args)
 
     async def _call(self, name: str, prefixes: list[str], args: list[Any]) -> Any:
         script = self._scripts[name]

@@ -85,7 +85,6 @@ async def running_drain(settings: Settings, store: Store) -> AsyncIterator[Drain
         settings.upstream_token,
         timeout_s=settings.upstream_timeout,
         pool_size=settings.worker_concurrency,
-        max_mps=settings.upstream_max_mps,
     )
     await api.start()
     drain = Drain(settings, store, api)

@@ -196,3 +196,39 @@ async def shards_shared_on_cluster(store: Store, workers: int) -> None:
 async def _drained(api: TestClient[Any, Any], pn: str) -> bool:
     body = await (await api.get(f"/v1/phone-numbers/{pn}", headers=ADMIN)).json()
     return bool(sum(body["queue_depth"].values()) == 0 and body["inflight"] == 0)
+
+
+async def test_the_upstream_cap_holds_for_numbers_on_every_node(
+    api: TestClient[Any, Any], cluster: LocalCluster, cluster_settings: Settings
+) -> None:
+    """The fleet's cap lives on one node (`{gw:fleet}`); the takes run on all three."""
+    cap = 150
+    numbers = numbers_on_every_node(cluster, 6)
+    for pn in numbers:
+        await register(api, pn, throughput_tier="unlimited", status="pending")
+        batch = [text_message(pn) for _ in range(75)]
+        response = await api.post("/v1/messages/batch", json={"messages": batch}, headers=SEND)
+        assert (await response.json())["accepted"] == len(batch)
+    async with running_sandbox() as sandbox:
+        settings = drain_settings(cluster_settings, sandbox, upstream_max_mps=float(cap))
+        store = Store.from_settings(settings, cluster.url)
+        try:
+            async with running_drain(settings, store):
+                await shards_shared_on_cluster(store, 1)
+                for pn in numbers:
+                    await api.patch(
+                        f"/v1/phone-numbers/{pn}", json={"status": "active"}, headers=ADMIN
+                    )
+                for pn in numbers:
+                    await eventually(lambda pn=pn: _drained(api, pn), 15.0, f"{pn} draining")
+        finally:
+            await store.close()
+        times: list[float] = []
+        for pn in numbers:
+            arrived = await sandbox.arrivals(pn)
+            assert len(arrived) == 75
+            times += arrived
+    times.sort()
+    assert max_in_window(times) <= cap
+    # three seconds' worth: the cap, not the drain, set the pace
+    assert times[-1] - times[0] >= 2.0

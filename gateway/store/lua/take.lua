@@ -8,7 +8,9 @@
 --       start_us (when the worker can start the first of them, on this server's clock;
 --                 0 = now), spacing_us (how far apart it can start them), max_lead_ms,
 --       lookahead_ms, quantum_ms, pair_interval_ms (0 = no pair pacing), pair_burst,
---       recipient_order (1: one message at a time per recipient, in order; pacing implies it)
+--       recipient_order (1: one message at a time per recipient, in order; pacing implies it),
+--       fleet_bound_ms (0 or absent: none; else start_us is the first slot the fleet's upstream
+--                       cap reserved, and no grant is stamped later than this after its slot)
 -- Returns {now_ms, expired, tiers of the numbers whose window was full (comma-separated),
 --          n_groups, lapsed messages failed because their number was deleted, base_us (the first
 --          slot), slots (how many slots were used),
@@ -38,6 +40,13 @@
 -- slot frees. Grants are also paced: about limit * pace_ms / 1000 per take (at least
 -- min_chunk), up to twice that to catch up after a late take.
 --
+-- Under the fleet's upstream cap (gateway.drain.fleet) the k-th grant of the take has the k-th
+-- slot the fleet reserved for it, start_us + k * spacing_us, and its stamp must lie between that
+-- slot and `fleet_bound_ms` after it: the slots are laid from start_us whenever this call runs
+-- (never moved back to within max_lead_ms: the reserve already kept start_us within it), a
+-- rate-limited number stops taking at its first stamp past the bound, and a call so late that
+-- its first slot would be past it grants nothing.
+--
 -- Recipients (lib.lua, release_pair): a popped message whose recipient is held by another
 -- parks behind it; one over its pair allowance (a GCRA on its stamp: interval, burst) waits on
 -- the retry set until `nb`, holding its pair. Neither takes a slot of the number's rate, and
@@ -62,12 +71,17 @@ local quantum = tonumber(ARGV[14])
 local pair_interval = tonumber(ARGV[15] or '0')
 local pair_tau = pair_interval * (tonumber(ARGV[16] or '1') - 1)
 local in_order = pair_interval > 0 or ARGV[17] == '1'
+local fleet_bound = tonumber(ARGV[18] or '0')
 -- parks per number per take at most: a long run of one recipient's messages costs a few takes
 local MAX_PARKED = 256
 -- The first stamp: when the worker asked for, never in the past, never far ahead.
-local base_us = math.max(tonumber(ARGV[10]), now_us)
-if base_us > now_us + max_lead_us then base_us = now_us + max_lead_us end
+local asked_us = tonumber(ARGV[10])
+local base_us = math.max(asked_us, now_us)
+if fleet_bound <= 0 and base_us > now_us + max_lead_us then base_us = now_us + max_lead_us end
 local base = base_us / 1000
+-- Under the fleet's cap: how much later than the fleet's slots this take's are.
+local fleet_shift = (base_us - asked_us) / 1000
+if fleet_bound > 0 and fleet_shift > fleet_bound then budget = 0 end
 local expired, deleted, rate_limited = 0, 0, {}
 
 local function ms(x) return string.format('%.3f', x) end
@@ -189,7 +203,7 @@ end
 
 -- The stamps (ms) of up to `want` grants for a number whose slots start at first_us, one per
 -- slot: each at its slot or when the window frees for it, whichever is later, in order, and
--- within `lookahead` of the first slot.
+-- within `lookahead` of the first slot; and under the fleet's cap, within its bound.
 -- Also returns the log's entries from index `lo` to limit - 1 as read (one before those the
 -- stamps need, so that the entry at limit - 1 after the grants are pushed is known without a
 -- read), and `lo`.
@@ -211,6 +225,12 @@ local function window_stamps(log, limit, want, first_us)
     if e and tonumber(e) + window > at then at = tonumber(e) + window end
     if prev > at then at = prev end
     if at > first + lookahead then break end
+    -- (its fleet slot: its own, `first + j * spacing`, less the take's shift; a microsecond
+    -- inside the bound, as the stamp written is rounded up to the microsecond)
+    if fleet_bound > 0
+        and at > first + j * spacing_us / 1000 - fleet_shift + fleet_bound - 0.001 then
+      break
+    end
     stamps[j + 1] = at
     prev = at
   end
