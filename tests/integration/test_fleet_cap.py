@@ -216,13 +216,20 @@ async def _server_us(store: Store) -> int:
 async def test_a_capped_take_stamps_no_grant_past_its_bound(
     store: Store, settings: Settings
 ) -> None:
-    await Registry(store).put(PN, {"throughput_tier": "standard"})  # 80/s: 12.5 ms apart
+    await Registry(store).put(PN, {"throughput_tier": "standard"})  # 80/s
     await _queue(store, settings, 40)
-    start = await _server_us(store) + 20_000
+    # A number at its rate: its window full, one grant every 12.5 ms, the oldest freeing its
+    # slot 27.5 ms from now, the next ones 12.5 ms apart after it.
+    now_ms = await _server_us(store) / 1000
+    oldest = now_ms + 27.5 - WINDOW_MS
+    log = [f"{oldest + i * 12.5:.3f}" for i in range(80)]
+    await store.redis.lpush(keys.window(keys.shard_of(PN, store.shards), PN), *log)
+    start = int(now_ms * 1000) + 20_000
     taken = await _take(store, start, bound_ms=50.0)
     stamps = [float(item.stamp) for item in taken.items]
     assert taken.base_us == start
-    assert 0 < len(stamps) < 16  # its own pace would grant 16
+    # the slots that free within the bound of their own: 4 of the 16 its pace would grant
+    assert len(stamps) == 4
     for k, stamp in enumerate(stamps):
         slot = (start + k * SPACING_US) / 1000
         assert slot <= stamp <= slot + 50.0
