@@ -337,7 +337,11 @@ class CallbackSender:
             await asyncio.sleep(wait_s)
             return
         try:
-            await self.wake_tokens.wait_any(owned, wait_s)
+            woken = await self.wake_tokens.wait_any(owned, wait_s)
+            # handed over during the wait: the token is the new owner's
+            gone = woken - self.ownership.owned
+            if gone:
+                await self.wake_tokens.give_back(gone)
         except StoreUnavailable as exc:
             self._redis_down(exc)
             await asyncio.sleep(0.5)

@@ -91,6 +91,21 @@ class WakeTokens:
         woken, self._woken = self._woken & set(shards), set()
         return woken
 
+    async def give_back(self, shards: set[int]) -> None:
+        """Put back tokens taken for shards this worker no longer owns.
+
+        A wait began before a handover (it lasts up to `MAX_WAIT_S`) may take the token of a
+        shard that is another worker's by then; dropped, the shard's new owner would not learn
+        of its work until its next sweep (5 s). Raises `StoreUnavailable`.
+        """
+        for shard in shards:
+            name = self.key_of(shard)
+            with unavailable_on_redis_errors():
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.lpush(name, "1")
+                    pipe.ltrim(name, 0, 0)
+                    await pipe.execute()
+
     def watch_only(self, shards: list[int]) -> None:
         """On a cluster: keep a BLPOP going for these shards' tokens, and none for others."""
         if self.cluster:
@@ -167,6 +182,11 @@ class WakeListener:
                 self.outage.shards_failed(owned, exc)
                 await asyncio.sleep(OUTAGE_BACKOFF_S)  # outage backoff
                 continue
+            gone = woken - set(await owned_shards())
+            if gone:  # handed over during the wait: the token is the new owner's
+                woken -= gone
+                with contextlib.suppress(StoreUnavailable):
+                    await self.tokens.give_back(gone)
             if woken:
                 self.woken |= woken
                 self.event.set()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from gateway import keys
+from gateway.drain.outage import RedisOutage
 from gateway.drain.shards import ShardOwnership
+from gateway.drain.wake import WakeListener
 from gateway.store import Store
 from tests.integration.drain_support import eventually
 
@@ -119,3 +121,38 @@ async def test_shards_still_in_a_workers_name_are_taken_back_at_once(store: Stor
     worker._set(frozenset())  # as when a failed cluster node dropped them from what it holds
     await worker.refresh()  # their leases still name it: no waiting for them to run out
     assert worker.owned == frozenset(range(store.shards))
+
+
+async def test_a_wake_token_taken_for_a_shard_handed_over_meanwhile_goes_back(
+    store: Store,
+) -> None:
+    """A wait begun before a handover (it lasts up to a second) may take the token of a shard
+    that is another worker's by then: it goes back for the new owner, who would otherwise learn
+    of the shard's work only at its next sweep, 5 s later."""
+    assert store.settings.redis_url is not None
+    owned = [3]
+
+    async def owned_shards() -> list[int]:
+        return list(owned)
+
+    listener = WakeListener(store.settings.redis_url, RedisOutage(), store.shards)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(listener.run(stopping, owned_shards))
+
+    async def blocked() -> bool:
+        return "cmd=blpop" in str(await store.redis.execute_command("CLIENT", "LIST"))
+
+    async def token_back() -> bool:
+        return await store.redis.llen(keys.wake(3)) == 1
+
+    try:
+        await eventually(blocked, 5.0, "the listener waiting on shard 3")
+        owned[:] = [4]  # handed over while the listener waits
+        await store.redis.lpush(keys.wake(3), "1")
+        await eventually(token_back, 5.0, "the token put back")
+        assert listener.take_woken() == set()
+    finally:
+        stopping.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await listener.close()
