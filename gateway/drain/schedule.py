@@ -20,10 +20,12 @@ event loop ran or waited for a CPU: `busy_seconds`) and how late its sends start
   waits until they have gone (`_settled_at`) before it judges again, or one overload would
   shrink it to the floor.
 - Late starts in a mostly idle process are someone else's doing (a slow Redis reply, a stalled
-  host): sending less would not help, so the rate holds. Unless they are so late that many are
-  put back (over 5%): each put-back is work of its own (a settle, a take again), and left alone
-  they feed on themselves, so the rate drops then too. A single late start (a new
-  connection, a collection pause) is not a trend and changes nothing.
+  host): sending less would not help, so the rate holds. Unless they are so late that some are
+  put back (over 1% of a period's starts, 3 at least: the target for put-backs): each put-back
+  is work of its own (a settle, a take again), and left alone they feed on themselves, so the
+  rate drops then too. (At 5%, `bench drain` put back 1.4-5.3% of its grants on 2026-11-29.)
+  A single late start (a new connection, a collection pause) is not a trend and changes
+  nothing.
 - When a take was cut short by the rate and the process has room, the rate grows by a tenth.
   (Doubling it, as TCP's slow start does, overshot: by the time the first late starts showed,
   half of a fresh worker's first thousands of grants were already too late.)
@@ -49,7 +51,7 @@ EASE = 0.95
 SHRINK = 0.85
 LATE_SHARE = 0.1
 LATE_MIN = 3
-RETURNED_SHARE = 0.05  # put-backs beyond this share shrink the rate, busy or not
+RETURNED_SHARE = 0.01  # put-backs beyond this share shrink the rate, busy or not
 # Shares of a period the process ran or waited for a CPU: with rate-limited sends it grows below
 # the first and eases off above the second. Unlimited sends alone may use all of it, and more
 # of them than it can start at once only wait for a sender (their free slots bound them).
