@@ -33,9 +33,8 @@ up to a take step, 20 ms, for an unlimited number; up to `BOUND_MS` more for a r
 one). Under a backlog the fleet sends about cap / (1 s + δ + 20-40 ms): measured with the
 default slack, 97% of the cap on unlimited numbers and 95-96% on a mix with rate-limited ones.
 (Scoring members at their slots plus the bound until they expire, without the settle, would
-cost the bound as well: 5 points.) The bound is also why a rate-limited number grants fewer
-sends per take under a cap: those its own rate puts more than `BOUND_MS` after their slots
-wait for its next take.
+cost the bound as well: 5 points.) Under a cap a number at its rate takes only the slots its
+window frees within `BOUND_MS` of theirs; the others wait for its next take.
 
 The log alone would let a backlog go out in a burst of the whole cap at the start of each
 window and nothing for the rest of it. So reserves are paced too, as the numbers' grants are:
