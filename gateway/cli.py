@@ -57,10 +57,11 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             if field.metadata["parse"] is parse_bool
             else field.name.split("_")[-1].upper(),
             default=argparse.SUPPRESS,
+            # (argparse formats help with %: a setting's text may say "95%")
             help=(
                 f"{field.metadata['help']} "
                 f"[{env_name(field.name)}; default: {_default_text(field)}]"
-            ),
+            ).replace("%", "%%"),
         )
 
 
