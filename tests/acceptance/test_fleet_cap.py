@@ -115,6 +115,18 @@ async def assert_no_number_shut_out(sandbox: Upstream, pns: list[str]) -> None:
         assert gaps[-1][0] <= LONGEST_GAP_S, f"{pn} waited (longest gaps, and when: {gaps[-3:]})"
 
 
+async def assert_the_cap_held(
+    sandbox: Upstream, numbers: list[str], counts: dict[str, int]
+) -> None:
+    """Every message sent once, no sliding second over the cap, the cap sustained under the
+    backlog, and no number shut out meanwhile."""
+    await assert_each_sent_once(sandbox, counts)
+    times = await arrivals(sandbox, numbers)
+    assert max_in_window(times) <= CAP, "the fleet went over its cap"
+    assert middle_rate(times) >= SUSTAINED * CAP
+    await assert_no_number_shut_out(sandbox, numbers)
+
+
 def said(workers: Command) -> list[str]:
     """What the workers logged above INFO, last lines first (for a failure's message)."""
     lines = workers.output().splitlines()
@@ -147,12 +159,8 @@ async def test_worker_processes_share_one_cap(
         await drained(store, numbers, 30.0)
     finally:
         workers.stop()
-    times = await arrivals(upstream, numbers)
-    assert len(times) == sum(counts.values())
-    await assert_each_sent_once(upstream, counts)
-    assert max_in_window(times) <= CAP, "the fleet went over its cap"
-    assert middle_rate(times) >= SUSTAINED * CAP
-    await assert_no_number_shut_out(upstream, numbers)
+    assert len(await arrivals(upstream, numbers)) == sum(counts.values())
+    await assert_the_cap_held(upstream, numbers, counts)
 
 
 async def test_rate_limited_numbers_keep_their_rates_under_the_cap(
@@ -175,13 +183,9 @@ async def test_rate_limited_numbers_keep_their_rates_under_the_cap(
         await drained(store, numbers, 30.0)
     finally:
         workers.stop()
-    await assert_each_sent_once(upstream, counts)
     for pn, tier in tiers.items():
         assert max_in_window(await upstream.arrivals(pn)) <= rates[tier], f"{tier} {pn}"
-    times = await arrivals(upstream, numbers)
-    assert max_in_window(times) <= CAP, "the fleet went over its cap"
-    assert middle_rate(times) >= SUSTAINED * CAP
-    await assert_no_number_shut_out(upstream, numbers)
+    await assert_the_cap_held(upstream, numbers, counts)
 
 
 async def test_a_worker_sending_a_trickle_keeps_none_of_the_cap_from_another(
