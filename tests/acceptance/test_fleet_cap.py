@@ -127,6 +127,15 @@ async def assert_the_cap_held(
     await assert_no_number_shut_out(sandbox, numbers)
 
 
+async def drain_backlogs(db: Store, tiers: dict[str, str], counts: dict[str, int]) -> None:
+    """Register the numbers held, queue their backlogs, let them go and wait until drained."""
+    await register(db, tiers)
+    for pn, count in counts.items():
+        await queue(db, pn, count)
+    await activate(db, list(tiers))
+    await drained(db, list(tiers), 30.0)
+
+
 def said(workers: Command) -> list[str]:
     """What the workers logged above INFO, last lines first (for a failure's message)."""
     lines = workers.output().splitlines()
@@ -151,12 +160,8 @@ async def test_worker_processes_share_one_cap(
     try:
         await settled(store, 3)
         numbers = await numbers_on_every_worker(store, 2)
-        await register(store, dict.fromkeys(numbers, "unlimited"))
         counts = {pn: 250 for pn in numbers}
-        for pn, count in counts.items():
-            await queue(store, pn, count)
-        await activate(store, numbers)
-        await drained(store, numbers, 30.0)
+        await drain_backlogs(store, dict.fromkeys(numbers, "unlimited"), counts)
     finally:
         workers.stop()
     assert len(await arrivals(upstream, numbers)) == sum(counts.values())
@@ -175,12 +180,8 @@ async def test_rate_limited_numbers_keep_their_rates_under_the_cap(
         numbers = await numbers_on_every_worker(store, 2)
         tiers = dict(zip(numbers, ("standard", "high", "standard", "unlimited"), strict=True))
         rates = {"standard": 80, "high": 1000, "unlimited": CAP}
-        await register(store, tiers)
         counts = {pn: 200 if tier == "standard" else 400 for pn, tier in tiers.items()}
-        for pn, count in counts.items():
-            await queue(store, pn, count)
-        await activate(store, numbers)
-        await drained(store, numbers, 30.0)
+        await drain_backlogs(store, tiers, counts)
     finally:
         workers.stop()
     for pn, tier in tiers.items():
