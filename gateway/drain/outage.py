@@ -40,6 +40,11 @@ class RedisOutage:
             self._failed_since.setdefault(shard, now)
         self.failed(exc)
 
+    @property
+    def holding(self) -> bool:
+        """Whether some shard failed and has not been taken from since (the usual: no)."""
+        return bool(self._failed_since)
+
     def held_until(self, shard: int) -> float:
         """When the shard may be taken from again (monotonic; 0: now)."""
         since = self._failed_since.get(shard)

@@ -242,9 +242,10 @@ class Drain:
             for shard in self.wake.take_woken():
                 due_at[shard] = 0.0
             start = self.schedule.next_start(now, self.clock.lead)
-            for shard in owned:  # shards held after a failure (`RedisOutage`)
-                due_at[shard] = max(due_at.get(shard, 0.0), self.outage.held_until(shard))
-            due = [s for s in owned if due_at[s] <= start]
+            if self.outage.holding:  # shards held after a failure (`RedisOutage`)
+                for shard in owned:
+                    due_at[shard] = max(due_at.get(shard, 0.0), self.outage.held_until(shard))
+            due = [s for s in owned if due_at.get(s, 0.0) <= start]
             if not due:
                 soonest = min(due_at[s] for s in owned)
                 await self.wake.wait(min(max(soonest - start, 0.0005), MAX_WAIT_S))
