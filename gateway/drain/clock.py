@@ -11,11 +11,13 @@ second, more than two NTP-disciplined clocks drift) when no sample renews them.
 So a server time maps to a local interval, `[local_earliest, local_latest]`, that surely holds
 it. A send is written no earlier than `local_latest` of its stamp (never before the stamp,
 whatever the reply latencies were) and put back if it could not start by `local_earliest` plus
-the tolerance (never later than the tolerance after it), or by half the tolerance after
-`local_latest` while the bracket is wider than half the tolerance (`gateway.drain.senders`):
-at start, on a busy process, the first samples may carry milliseconds of queueing. (Mapping
-with `high` alone, as this module once did, sent up to the bracket's width early: a worker
-started on a loaded host put one send too many into a sliding second now and then.)
+the tolerance (never later than the tolerance after it; `gateway.drain.senders`). That leaves
+the tolerance less the bracket's width to write in, so a worker `narrow`s the bracket to half
+the tolerance before it takes: at start, on a busy process, the first samples may carry
+milliseconds of queueing. (Mapping with `high` alone, as this module once did, sent up to the
+bracket's width early: a worker started on a loaded host put one send too many into a sliding
+second now and then. Writing up to half the tolerance after `local_latest` while the bracket
+was wide, as it later did, could be that much more than the tolerance late.)
 
 A sample outside the bracket means a clock stepped (or drifted faster than the creep): the
 bracket restarts from that sample, with a warning.
@@ -92,6 +94,17 @@ class ServerClock:
             sent = time.monotonic()
             server_ms = await read_server_ms()
             self.observe(sent, server_ms, time.monotonic())
+
+    async def narrow(
+        self, read_server_ms: Callable[[], Awaitable[float]], width_s: float, most: int
+    ) -> bool:
+        """Take samples until the bracket is at most `width_s` wide, or `most` have been taken;
+        whether it is."""
+        taken = 0
+        while self.width > width_s and taken < most:
+            await self.calibrate(read_server_ms, min(CALIBRATION_ROUNDS, most - taken))
+            taken += CALIBRATION_ROUNDS
+        return self.width <= width_s
 
     def local_earliest(self, server_us: int) -> float:
         """The earliest local monotonic time that server time can be."""

@@ -169,12 +169,9 @@ class Senders:
     async def _deliver(self, item: Taken) -> None:
         timed = self.timed(item)
         if timed:
-            # From the earliest its stamp can be; but never less than half the tolerance after
-            # the time it may be written: while the clock's bracket is wide (a cold start on a
-            # busy process), a send may then be up to the bracket's width less half the
-            # tolerance later than the tolerance, rather than every send being put back (which
-            # starved a saturated number of its rate: invariant 1 asks for 99% of it).
-            deadline = max(item.start + self.tolerance, item.not_before + self.tolerance / 2)
+            # From the earliest its stamp can be: the worker keeps the clock's bracket narrow
+            # enough to leave most of the tolerance to write in (`ServerClock.narrow`).
+            deadline = item.start + self.tolerance
             start_by = deadline - WRITE_MARGIN_S
             not_before = item.not_before
         else:

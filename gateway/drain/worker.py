@@ -30,7 +30,6 @@ With `GATEWAY_UPSTREAM_MAX_MPS` set, each take first reserves its slots in the f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -71,6 +70,8 @@ SWEEP_EVERY_S = 5.0
 # for a CPU there.
 TOLERANCE_SHARE = 1 / 2
 REFRESH_GRACE_S = 2.0
+# Samples of the server's clock a worker takes at most, before a take, to narrow its bracket.
+NARROW_SAMPLES = 100
 
 
 async def _finish(task: asyncio.Task[None], within_s: float) -> bool:
@@ -107,6 +108,8 @@ class Drain:
         self.wake = WakeListener(settings.redis_url, self.outage, settings.shards)
         self.clock = ServerClock()
         tolerance = settings.rate_slack * TOLERANCE_SHARE
+        self.narrow_width = tolerance / 2
+        self._clock_warned = False
         self.schedule = SendSchedule(tolerance, settings.upstream_max_mps)
         self.settler = Settler(settings, store, self.outage)
         self.fleet: FleetCap | None = None
@@ -227,12 +230,11 @@ class Drain:
     async def _take_loop(self) -> None:
         due_at: dict[int, float] = {}  # monotonic time each shard is next due
         last_sweep = time.monotonic()
-        with contextlib.suppress(StoreUnavailable):  # else the first takes calibrate it
-            await self.clock.calibrate(self.store.server_time_ms)
         while not self.stopping.is_set():
             owned = await self._owned_shards()
             if not owned:
                 continue
+            await self._narrow_clock()
             now = time.monotonic()
             self._learn(now)
             if now - last_sweep >= SWEEP_EVERY_S:
@@ -257,6 +259,28 @@ class Drain:
             if self.stopping.is_set():
                 return
             due_at.update(await self._take(due))
+
+    async def _narrow_clock(self) -> None:
+        """Before a take: the clock's bracket at most half the tolerance wide, so a timed send
+        has at least the other half to be written in (`ServerClock`). Samples are taken only
+        while it is wider: at start, and after a clock step restarted it."""
+        if self.clock.width <= self.narrow_width:
+            return
+        try:
+            narrow = await self.clock.narrow(
+                self.store.server_time_ms, self.narrow_width, NARROW_SAMPLES
+            )
+        except StoreUnavailable:
+            return  # the take finds Redis down too, and waits
+        if narrow:
+            self._clock_warned = False
+        elif not self._clock_warned:
+            self._clock_warned = True
+            log.warning(
+                "the Redis server's clock is known to this process only within %.1f ms (its "
+                "calls are that slow): timed sends may be put back until it narrows",
+                self.clock.width * 1000,
+            )
 
     def _learn(self, now: float) -> None:
         before = self.schedule.rate

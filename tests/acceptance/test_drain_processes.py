@@ -7,9 +7,7 @@ the same Redis, then reads what arrived at the sandbox.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import os
 import signal
 import time
 from collections import Counter
@@ -25,7 +23,7 @@ from gateway.accept.service import Acceptor
 from gateway.messages import Messages
 from gateway.registry import Registry
 from gateway.store import Store
-from tests.acceptance.commands import Command, clean_env
+from tests.acceptance.commands import Command, clean_env, run_as_upstream
 from tests.conftest import make_settings
 from tests.integration.drain_support import (
     eventually,
@@ -53,22 +51,16 @@ async def store(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Stor
 
 
 class Upstream:
-    """A `gateway sandbox` process (no rate enforcement: it only records arrivals).
-
-    It plays Meta's servers, which do not share a CPU with the gateway. On this 2-core machine
-    several workers, Redis and pytest do, and a sandbox kept off the CPU for 20-30 ms stamps
-    the requests that queued meanwhile as one bunch: it measures its own scheduling, not the
-    gateway (seen: writes never over the rate, arrivals 83 of 80 in one second). So it runs at
-    a higher priority where the tests may raise it (as root, which CI is).
-    """
+    """A `gateway sandbox` process (no rate enforcement: it only records arrivals), run as
+    Meta's servers would be: with a CPU of its own, as near as this machine allows
+    (`run_as_upstream`)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.port = free_port()
         env = clean_env(GATEWAY_PORT=str(self.port), GATEWAY_LOG_LEVEL="WARNING")
         self.command = Command(["sandbox"], env, tmp_path / "sandbox").start()
         assert self.command.process is not None
-        with contextlib.suppress(PermissionError):
-            os.setpriority(os.PRIO_PROCESS, self.command.process.pid, -10)
+        run_as_upstream(self.command.process.pid)
         self.root = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.root}/v21.0"
         self.command.wait_http(f"{self.root}/_sandbox/stats")

@@ -7,7 +7,9 @@ delays, the true local time of a server instant must lie inside the mapped brack
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 
 import pytest
 
@@ -55,3 +57,40 @@ def test_a_clock_step_restarts_the_bracket() -> None:
     assert clock.low is not None and clock.high is not None
     assert clock.low <= TRUE_OFFSET + step <= clock.high
     assert clock.width < 0.001
+
+
+class _SlowAtFirst:
+    """The server's clock, read with `slow` calls first that queue 10 ms each way."""
+
+    def __init__(self, slow: int) -> None:
+        self.slow = slow
+        self.calls = 0
+
+    async def __call__(self) -> float:
+        self.calls += 1
+        queued = self.calls <= self.slow
+        if queued:
+            await asyncio.sleep(0.01)
+        server_ms = (time.monotonic() + TRUE_OFFSET) * 1000
+        if queued:
+            await asyncio.sleep(0.01)
+        return server_ms
+
+
+async def test_narrowing_samples_until_the_bracket_is_narrow_enough() -> None:
+    clock = ServerClock()
+    read = _SlowAtFirst(slow=25)
+    assert await clock.narrow(read, 0.00375, most=100)
+    assert clock.width <= 0.00375
+    assert 25 < read.calls <= 40  # past the slow calls, and no round after it was narrow
+    calls = read.calls
+    assert await clock.narrow(read, 0.00375, most=100)
+    assert read.calls == calls  # narrow already: no call
+
+
+async def test_narrowing_gives_up_after_the_most_samples() -> None:
+    clock = ServerClock()
+    read = _SlowAtFirst(slow=1000)
+    assert not await clock.narrow(read, 0.00375, most=30)
+    assert read.calls == 30
+    assert clock.width > 0.00375
