@@ -40,7 +40,8 @@ from gateway.drain.classify import Answer, Outcome, classify, transport_failure
 log = logging.getLogger("gateway.drain")
 
 WARM_CONNECTIONS = 64
-URL_CACHE = 100_000  # numbers whose URL is kept parsed (emptied when full)
+# Numbers whose URL is kept parsed; emptied when full (a full garbage collection walks them all).
+URL_CACHE = 20_000
 
 
 class _TooLate(Exception):
