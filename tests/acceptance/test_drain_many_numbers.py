@@ -7,9 +7,11 @@ start on time) must stay a small minority.
 
 How small depends on the CPU the worker gets. `bench drain` gives the worker a CPU of its own;
 here it shares this machine's two with the sandbox, Redis and pytest, and a stretch spent off
-the CPU puts back what fell due meanwhile (measured 1-11% over repeated runs of this test). The
-bound catches the collapse and the self-feeding put-back storms (20-70% before the send
-schedule learned to back off from them) that this test was written against.
+the CPU puts back what fell due meanwhile. Measured over five runs of each case on 2026-11-29:
+0.005-1.6% (median 0.4%); 1-11% before the sandbox ran at real-time priority. The bound
+catches the collapse and the self-feeding put-back storms (20-70% before the send schedule
+learned to back off from them) that this test was written against; the 1% target is `bench
+drain`'s.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tests.integration.drain_support import eventually, max_in_window
 from tests.servers import RedisServer
 
 RATES = {"standard": 80, "medium": 200, "high": 1000}
+RETURNED_BOUND = 0.05  # put-backs allowed, as a share of sends
 NUMBERS = 1000
 PER_NUMBER = 20
 
@@ -133,4 +136,4 @@ async def test_a_backlog_over_a_thousand_rate_limited_numbers_drains_exactly(
     }
     assert not over, f"numbers over their rate in a sliding second: {over}"
     assert sent == total
-    assert returned < 0.15 * sent, f"{returned:.0f} grants put back for {sent:.0f} sends"
+    assert returned < RETURNED_BOUND * sent, f"{returned:.0f} grants put back for {sent:.0f} sends"
