@@ -10,6 +10,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway import keys
 from gateway.drain.classify import Outcome
 from gateway.drain.upstream import CloudApi, TimedBody
 from gateway.sandbox import mask_token
@@ -340,6 +341,34 @@ async def test_each_number_drains_at_its_rate(
         assert len(times) == int(rate * 2.5)
         assert max_in_window(times) <= rate
         assert sustained_rate(times) >= 0.97 * rate
+
+
+async def test_a_stopping_worker_sends_what_it_has_stamped_rather_than_putting_it_back(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    """Its stamps are a few tens of ms ahead and the successor's come after them: put back,
+    they left a gap that long in the number's sends while its shard changed hands."""
+    await register(client, PN, throughput_tier="high", status="pending")
+    batch = [text_message(PN) for _ in range(1000)]
+    response = await client.post("/v1/messages/batch", json={"messages": batch}, headers=SEND)
+    ids = [item["id"] for item in (await response.json())["results"]]
+    async with running_drain(drain_settings(settings, sandbox), store) as drain:
+        await client.patch(f"/v1/phone-numbers/{PN}", json={"status": "active"}, headers=ADMIN)
+
+        async def stamped_ahead() -> bool:
+            return len(drain.senders.waiting) >= 10
+
+        await eventually(stamped_ahead, 10.0, "sends waiting for their stamps", every_s=0.001)
+    shard = keys.shard_of(PN, store.shards)
+    fields = [await store.redis.hmget(keys.msg(shard, m), "s", "f") for m in ids]
+    sent = [m for m, (state, _) in zip(ids, fields, strict=True) if state == b"sent"]
+    # taken (fenced) and back in the queue: put back
+    put_back = [
+        m for m, (state, fence) in zip(ids, fields, strict=True) if state == b"queued" and fence
+    ]
+    assert sent
+    assert not put_back, f"{len(put_back)} messages put back at the stop"
+    assert len(await sandbox.arrivals(PN)) == len(sent)
 
 
 async def _depth_is_zero(client: TestClient[Any, Any], pn: str) -> bool:
