@@ -183,7 +183,7 @@ def sandbox(cpus: set[int] | None = None) -> Iterator[str]:
     # runs with real-time scheduling where it may (as root), else at a higher priority.
     try:
         os.sched_setscheduler(process.pid, os.SCHED_FIFO, os.sched_param(10))
-    except PermissionError:
+    except OSError:  # not allowed (not root, or no real-time budget in this cgroup)
         with contextlib.suppress(PermissionError):
             os.setpriority(os.PRIO_PROCESS, process.pid, -10)
     root = f"http://127.0.0.1:{port}"

@@ -36,7 +36,7 @@ def run_as_upstream(pid: int) -> None:
     """
     try:
         os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(10))
-    except PermissionError:
+    except OSError:  # not allowed (not root, or no real-time budget in this cgroup)
         with contextlib.suppress(PermissionError):
             os.setpriority(os.PRIO_PROCESS, pid, -10)
 
