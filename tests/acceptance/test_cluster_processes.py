@@ -1,0 +1,178 @@
+"""The drain as deployed on a Redis Cluster: `gateway worker` processes, a `gateway sandbox`
+process and a real local cluster of three primaries (with replicas where one fails over).
+
+What DESIGN.md's "Scale-out on Redis Cluster" promises, seen from the upstream: worker processes
+keep every number to its rate wherever its shard lives; a primary killed mid-drain loses nothing
+a `202` promised, puts no number over its rate and does not pause the other primaries' numbers;
+slots moved mid-drain lose and duplicate nothing.
+
+The test registers numbers and queues messages through the gateway's own accept code on the
+cluster, then reads what arrived at the sandbox (whose clock is this machine's monotonic clock,
+like the test's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from redis.crc import key_slot
+
+from gateway import keys
+from gateway.errors import StoreUnavailable
+from gateway.messages import Messages
+from gateway.registry import Registry
+from gateway.store import Store
+from tests.acceptance.commands import Command
+from tests.acceptance.test_drain_processes import (  # noqa: F401 (fixture)
+    Upstream,
+    queue,
+    start_workers,
+    upstream,
+)
+from tests.cluster import LocalCluster, Node, local_cluster
+from tests.conftest import make_settings
+from tests.integration.drain_support import eventually, max_in_window, sustained_rate
+from tests.integration.test_cluster import shards_shared_on_cluster
+
+SHARDS = 16  # as `start_workers` runs the workers
+WORKERS = 2
+TIERS = {"standard": 80, "medium": 200, "high": 1000}
+BACKLOG_S = 2.5
+# How close to its rate a backlog drains is a figure for `bench accuracy` (target 99%); here
+# the drain must keep going. On a quiet machine this test's numbers drained at 97.2-104% of
+# their rates in 55 runs (the first second's shape moves a 2.5 s backlog's figure by a few
+# percent either way). What took them lower was other processes on this shared 2-core machine:
+# with one core kept busy by another process, 93-99%; with 1.2 cores taken by other tests, an
+# 80/s number at 92%, and 1,000/s numbers at 95-96% with no gap over 57 ms (their senders
+# started late, their grants were put back). Exactness, above, is not relaxed.
+SUSTAINED_SHARE = 0.9
+
+
+@asynccontextmanager
+async def cluster_store(
+    cluster: LocalCluster, tmp_path: Path, **changes: Any
+) -> AsyncIterator[Store]:
+    settings = make_settings(cluster.url, tmp_path / "data", shards=SHARDS, **changes)
+    store = Store.from_settings(settings, cluster.url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def node_of(cluster: LocalCluster, key: str) -> Node:
+    """The primary serving `key`."""
+    return cluster.primary_for(key)
+
+
+def shard_node(cluster: LocalCluster, pn: str) -> Node:
+    """The primary serving the shard of phone number `pn`."""
+    return node_of(cluster, keys.prefix(keys.shard_of(pn, SHARDS)))
+
+
+def numbers_by_primary(cluster: LocalCluster) -> dict[Node, str]:
+    """A phone number for each primary (in the order of their slots), on a shard it serves."""
+    owners = cluster.slot_owners()
+    found: dict[Node, str] = {}
+    for i in itertools.count():
+        pn = f"5550003{i:05d}"
+        node = owners[key_slot(keys.prefix(keys.shard_of(pn, SHARDS)).encode())]
+        found.setdefault(node, pn)
+        if len(found) == len(set(owners.values())):
+            return {node: found[node] for node in dict.fromkeys(owners.values())}
+    raise AssertionError("unreachable")
+
+
+async def drained(store: Store, pns: list[str], within_s: float, *running: Command) -> None:
+    """Until nothing of `pns` is queued, in flight or waiting for a retry. A node failing over
+    meanwhile may not answer for a moment; a process of the test that exited (killed from
+    outside) fails it at once, by name."""
+    registry = Registry(store)
+    left: dict[str, Any] = {}
+
+    async def done() -> bool:
+        for command in running:
+            assert command.process is not None
+            code = command.process.poll()
+            assert code is None, f"gateway {command.args[0]} exited ({code}):\n{command.output()}"
+        try:
+            views = await registry.views(pns)
+        except StoreUnavailable as exc:
+            left["unavailable"] = str(exc)
+            return False
+        left.clear()
+        for pn, view in zip(pns, views, strict=True):
+            assert view is not None
+            if sum(view["queue_depth"].values()) or view["inflight"] or view["retry_waiting"]:
+                left[pn] = (view["queue_depth"], view["inflight"], view["retry_waiting"])
+        return not left
+
+    try:
+        await eventually(done, within_s, "the backlog draining", every_s=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; left (queued, in flight, retrying): {left}") from None
+
+
+async def statuses(store: Store, ids: list[str]) -> Counter[str]:
+    messages = Messages(store)
+    found: Counter[str] = Counter()
+    # a hundred at a time: beyond its connections, a cluster client refuses rather than waits
+    for start in range(0, len(ids), 100):
+        views = await asyncio.gather(*(messages.get(m) for m in ids[start : start + 100]))
+        found.update(view["status"] for view in views)
+    return found
+
+
+def bodies_of(pn: str, count: int) -> Counter[str]:
+    """Each of the `count` messages `queue` made for `pn`, once."""
+    return Counter(f"{pn}-{i}" for i in range(count))
+
+
+def longest_gap(times: list[float], since: float) -> tuple[float, float]:
+    """The longest time without an arrival, and when it began (seconds after `since`)."""
+    return max(((b - a, a - since) for a, b in itertools.pairwise(times)), default=(0.0, 0.0))
+
+
+async def test_two_worker_processes_hold_numbers_on_every_primary_to_their_rates(
+    tmp_path: Path,
+    upstream: Upstream,  # noqa: F811
+) -> None:
+    """Numbers at 80, 200 and 1,000 msg/s, one on each primary, each with a backlog, drained
+    by two worker processes: every message sent exactly once, no sliding second over a
+    number's rate, and each number near its rate throughout."""
+    async with (
+        local_cluster(tmp_path / "cluster", replicas=0) as cluster,
+        cluster_store(cluster, tmp_path) as store,
+    ):
+        numbers = numbers_by_primary(cluster).values()
+        rates = dict(zip(numbers, TIERS.items(), strict=True))
+        registry = Registry(store)
+        ids: list[str] = []
+        for pn, (tier, rate) in rates.items():
+            await registry.put(pn, {"throughput_tier": tier, "status": "pending"})
+            ids += await queue(store, pn, int(rate * BACKLOG_S))
+        workers = start_workers(tmp_path, cluster.url, upstream, WORKERS)
+        try:
+            # let go the moment the shares settle, as in test_drain_processes
+            await shards_shared_on_cluster(store, WORKERS)
+            for pn in rates:
+                await registry.patch(pn, {"status": "active"})
+            await drained(store, list(rates), 30.0, workers, upstream.command)
+        finally:
+            workers.stop()
+        assert await statuses(store, ids) == Counter({"sent": len(ids)})
+    for pn, (_, rate) in rates.items():
+        times = await upstream.arrivals(pn)
+        assert Counter(await upstream.bodies(pn)) == bodies_of(pn, int(rate * BACKLOG_S))
+        assert max_in_window(times) <= rate, f"{pn} went over {rate}/s"
+        longest, at = longest_gap(times, times[0])
+        assert sustained_rate(times) >= SUSTAINED_SHARE * rate, (
+            f"{pn}: {sustained_rate(times):.1f}/s of {rate}/s (longest gap {longest:.3f} s, "
+            f"{at:.2f} s in)"
+        )
