@@ -64,6 +64,9 @@ KILL_AFTER_S = 1.0
 # as before the kill (the gaps a sliding-window log makes at its rate).
 LONGEST_PAUSE_S = 0.3
 
+RESHARD_BACKLOG_S = 4
+MOVE_AFTER_S = 1.0
+
 
 @asynccontextmanager
 async def cluster_store(
@@ -245,3 +248,43 @@ async def test_a_primary_killed_mid_drain_loses_nothing_and_pauses_no_other_prim
     for pn in others:
         twice = sorted(body for body, n in arrived[pn].items() if n > 1)
         assert not twice, f"{pn}: {len(twice)} sent twice, e.g. {twice[:3]}"
+
+
+async def test_slots_moved_mid_drain_lose_and_duplicate_nothing(
+    tmp_path: Path,
+    upstream: Upstream,  # noqa: F811
+) -> None:
+    """While numbers drain, the slots of the two busiest shards move with their keys (as
+    `redis-cli --cluster reshard` moves them) from their primaries to the third: every message
+    is sent exactly once, and no number goes over its rate in any sliding second (its window
+    log moves with its slot; a take for a slot half moved is refused, not half run)."""
+    async with (
+        local_cluster(tmp_path / "cluster", replicas=0) as cluster,
+        cluster_store(cluster, tmp_path) as store,
+    ):
+        busiest, busy, staying = numbers_by_primary(cluster).values()
+        rates = {busiest: ("high", 1000), busy: ("medium", 200), staying: ("standard", 80)}
+        target = shard_node(cluster, staying)
+        registry = Registry(store)
+        ids: list[str] = []
+        for pn, (tier, rate) in rates.items():
+            await registry.put(pn, {"throughput_tier": tier, "status": "pending"})
+            ids += await queue(store, pn, rate * RESHARD_BACKLOG_S)
+        moved = [
+            key_slot(keys.prefix(keys.shard_of(pn, SHARDS)).encode()) for pn in (busiest, busy)
+        ]
+        workers = start_workers(tmp_path, cluster.url, upstream, WORKERS)
+        try:
+            await shards_shared_on_cluster(store, WORKERS)
+            for pn in rates:
+                await registry.patch(pn, {"status": "active"})
+            await asyncio.sleep(MOVE_AFTER_S)
+            await asyncio.to_thread(cluster.move_slots, moved, target)
+            assert all(shard_node(cluster, pn) is target for pn in rates)
+            await drained(store, list(rates), 30.0, workers, upstream.command)
+        finally:
+            workers.stop()
+        assert await statuses(store, ids) == Counter({"sent": len(ids)})
+    for pn, (_, rate) in rates.items():
+        assert Counter(await upstream.bodies(pn)) == bodies_of(pn, rate * RESHARD_BACKLOG_S)
+        assert max_in_window(await upstream.arrivals(pn)) <= rate, f"{pn} went over {rate}/s"
