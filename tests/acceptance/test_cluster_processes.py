@@ -64,6 +64,9 @@ KILL_AFTER_S = 1.0
 # as before the kill (the gaps a sliding-window log makes at its rate).
 LONGEST_PAUSE_S = 0.3
 
+LOST_BACKLOG_S = 3
+LOST_TIER, LOST_RATE = "medium", 200
+
 RESHARD_BACKLOG_S = 4
 MOVE_AFTER_S = 1.0
 
@@ -246,8 +249,51 @@ async def test_a_primary_killed_mid_drain_loses_nothing_and_pauses_no_other_prim
         longest, at = longest_gap(await upstream.arrivals(pn), killed_at)
         assert longest < LONGEST_PAUSE_S, f"{pn} paused {longest:.3f} s, {at:.2f} s after the kill"
     for pn in others:
+        # (see test_a_primary_lost_for_good_holds_up_no_other_primary)
         twice = sorted(body for body, n in arrived[pn].items() if n > 1)
         assert not twice, f"{pn}: {len(twice)} sent twice, e.g. {twice[:3]}"
+
+
+async def test_a_primary_lost_for_good_holds_up_no_other_primary(
+    tmp_path: Path,
+    upstream: Upstream,  # noqa: F811
+) -> None:
+    """A primary without a replica killed mid-drain, never to come back (what
+    `cluster-require-full-coverage no` is for): the other primaries' numbers drain to the end,
+    every message `sent` once. What became of their sends must not wait on the lost node: an
+    outcome left unsettled keeps its message `sending`, and sends it again when its lease
+    runs out."""
+    async with (
+        local_cluster(tmp_path / "cluster", replicas=0) as cluster,
+        cluster_store(cluster, tmp_path) as store,
+    ):
+        numbers = numbers_by_primary(cluster)
+        # not the member list's node: the shards' owners stay as they are
+        keeper = node_of(cluster, keys.members())
+        doomed = next(node for node in numbers if node is not keeper)
+        others = [pn for node, pn in numbers.items() if node is not doomed]
+        registry = Registry(store)
+        ids: dict[str, list[str]] = {}
+        for pn in numbers.values():
+            await registry.put(pn, {"throughput_tier": LOST_TIER, "status": "pending"})
+            ids[pn] = await queue(store, pn, LOST_RATE * LOST_BACKLOG_S)
+        # One worker process: it sends for the lost node's number and the others' alike (with
+        # two, whether one process had both was down to how the shards fell).
+        workers = start_workers(tmp_path, cluster.url, upstream, 1)
+        try:
+            await shards_shared_on_cluster(store, 1)
+            for pn in numbers.values():
+                await registry.patch(pn, {"status": "active"})
+            await asyncio.sleep(KILL_AFTER_S)
+            cluster.kill(doomed)
+            await drained(store, others, 15.0, workers, upstream.command)
+        finally:
+            workers.stop()
+        for pn in others:
+            assert await statuses(store, ids[pn]) == Counter({"sent": len(ids[pn])})
+    for pn in others:
+        assert Counter(await upstream.bodies(pn)) == bodies_of(pn, LOST_RATE * LOST_BACKLOG_S)
+        assert max_in_window(await upstream.arrivals(pn)) <= LOST_RATE
 
 
 async def test_slots_moved_mid_drain_lose_and_duplicate_nothing(
