@@ -34,7 +34,7 @@ SHARDS = 32
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """One cluster for the tests that only use it; each starts from empty primaries. No
-    replicas: nothing here fails over (tests/acceptance/test_cluster_process.py does)."""
+    replicas: nothing here fails over (tests/acceptance/test_cluster_processes.py does)."""
     local = LocalCluster(tmp_path_factory.mktemp("cluster"), replicas=0)
     local.start()
     yield local
@@ -139,7 +139,7 @@ async def test_the_drain_holds_numbers_on_every_node_to_their_rates(
     api: TestClient[Any, Any], cluster: LocalCluster, cluster_settings: Settings
 ) -> None:
     """test_drain's exactness test, with the shards over three nodes (one drain in this
-    process, as there: several worker processes are tests/acceptance/test_cluster_process)."""
+    process, as there: several worker processes are tests/acceptance/test_cluster_processes)."""
     rates = {"555000000080": ("standard", 80), "555000000200": ("medium", 200)}
     spread = numbers_on_every_node(cluster, 6)
     for pn, (tier, rate) in rates.items():
