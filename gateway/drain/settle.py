@@ -36,6 +36,9 @@ SETTLE_BATCH = 200
 # settle call for many outcomes costs about what one for a single outcome does. Anything else
 # (a pause, a hold, a retry) is settled at once: it changes what the next take may do.
 SETTLE_LINGER_S = 0.005
+# Outcomes a Redis node did not take are tried again after this, doubling up to the most.
+FIRST_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 2.0
 
 
 @dataclass(slots=True)
@@ -49,6 +52,10 @@ class Op:
     b: str = ""
     reason: str | None = None
     tier: str = ""
+
+
+class _RetryDue:
+    """What `Settler._next_op` returns when outcomes set aside are due to be tried again."""
 
 
 def retry_delay_ms(attempts: int, base_s: float) -> int:
@@ -75,6 +82,9 @@ class Settler:
         self.queue: asyncio.Queue[Op | None] = asyncio.Queue()
         self.chores: set[asyncio.Task[None]] = set()
         self.deleting: set[str] = set()
+        self._failed: list[Op] = []  # outcomes of a failed node, to be tried again
+        self._retry_at = 0.0
+        self._backoff = FIRST_BACKOFF_S
 
     # -- what senders hand in ------------------------------------------------------------
 
@@ -159,31 +169,59 @@ class Settler:
         self.queue.put_nowait(None)
 
     async def run(self) -> None:
-        """Settle in batches until the `None` that `finish()` queues last."""
+        """Settle in batches until the `None` that `finish()` queues last.
+
+        The outcomes of a Redis node that failed are set aside (`_failed`) and tried again,
+        with a growing backoff, beside the later batches: the other nodes' outcomes go on being
+        written. (Waiting for the failed node wrote nothing at all until it came back: on a
+        cluster, messages on healthy nodes stayed `sending` and were sent twice when their
+        leases ran out.) At the end the loop goes on until they are taken too; the caller
+        bounds that wait.
+        """
+        ending = False
         while True:
-            first = await self.queue.get()
             batch: list[Op] = []
-            ending = first is None
-            if first is not None:
-                batch.append(first)
-                if first.kind == "S" and self.queue.qsize() < SETTLE_BATCH // 10:
-                    await asyncio.sleep(SETTLE_LINGER_S)
+            if not ending:
+                first = await self._next_op()
+                if first is None:
+                    ending = True
+                elif isinstance(first, Op):
+                    batch.append(first)
+                    if first.kind == "S" and self.queue.qsize() < SETTLE_BATCH // 10:
+                        await asyncio.sleep(SETTLE_LINGER_S)
+            elif self._failed:
+                await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
             while len(batch) < SETTLE_BATCH and not self.queue.empty():
                 op = self.queue.get_nowait()
                 if op is None:
                     ending = True
                 else:
                     batch.append(op)
+            if self._failed and time.monotonic() >= self._retry_at:
+                batch += self._failed
+                self._failed = []
             if batch:
                 await self._settle_batch(batch)
-            if ending and self.queue.empty():
+            if ending and self.queue.empty() and not self._failed:
                 return
 
-    async def _settle_batch(self, batch: list[Op]) -> None:
-        """Settle until Redis takes it: an outcome is never dropped.
+    async def _next_op(self) -> Op | _RetryDue | None:
+        """The next queued op (None: `finish()`), or `_RetryDue` when outcomes set aside are
+        due to be tried again first."""
+        if not self._failed:
+            return await self.queue.get()
+        try:
+            async with asyncio.timeout(max(0.0, self._retry_at - time.monotonic())):
+                return await self.queue.get()
+        except TimeoutError:
+            return _RetryDue()
 
-        One `settle` call covers every shard the batch touches (see settle.lua). Retrying a
-        call that may have been applied is harmless: every op is fenced by its attempt.
+    async def _settle_batch(self, batch: list[Op]) -> None:
+        """Settle in one call per Redis node; what a failed node did not take is set aside.
+
+        One `settle` call covers every shard of a node the batch touches (see settle.lua).
+        Trying a call again that may have been applied is harmless: every op is fenced by its
+        attempt.
         """
         by_shard: dict[int, list[Op]] = defaultdict(list)
         for op in batch:
@@ -202,31 +240,29 @@ class Settler:
                     args += [op.kind, op.id, op.fence, op.a, op.b]
             return args
 
-        # One call per Redis node (one in all on a single node); a part whose node failed is
-        # sent again, alone, until it is taken.
+        try:
+            replies = await self.store.script_per_node("settle", list(by_shard), args_for)
+        except StoreUnavailable as exc:
+            replies = [(list(by_shard), exc)]
         ordered: list[Op] = []
         codes: list[Any] = []
-        pending = list(by_shard)
-        delay = 0.1
-        while pending:
-            try:
-                replies = await self.store.script_per_node("settle", pending, args_for)
-            except StoreUnavailable as exc:
-                replies = [(pending, exc)]
-            pending = []
-            for part, reply in replies:
-                if isinstance(reply, Exception):
-                    if not isinstance(reply, StoreUnavailable):
-                        raise reply  # a bug, not an outage: it must not be retried forever
-                    self.outage.shards_failed(part, reply)
-                    pending += part
-                    continue
-                ordered += [op for shard in part for op in by_shard[shard]]
-                codes += reply
-            if pending:
-                await asyncio.sleep(delay)  # outage backoff
-                delay = min(delay * 2, 2.0)
-        self.outage.answered()
+        failed = False
+        for part, reply in replies:
+            if isinstance(reply, Exception):
+                if not isinstance(reply, StoreUnavailable):
+                    raise reply  # a bug, not an outage: it must not be retried forever
+                self.outage.shards_failed(part, reply)
+                self._failed += [op for shard in part for op in by_shard[shard]]
+                failed = True
+                continue
+            ordered += [op for shard in part for op in by_shard[shard]]
+            codes += reply
+        if failed:
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+        else:
+            self._backoff = FIRST_BACKOFF_S
+            self.outage.answered()
         for op, code in zip(ordered, codes, strict=True):
             if int(code) == 0:
                 continue  # stale: the lease ran out and another attempt owns the message
