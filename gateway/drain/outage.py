@@ -31,6 +31,7 @@ class RedisOutage:
         self.down = False
         self.hold_s = hold_s
         self._logged_at = -QUIET_S
+        self._announced = False  # this outage's line was logged: its end is logged too
         self._failed_since: dict[int, float] = {}  # shard -> first failure of its outage
 
     def shards_failed(self, shards: list[int], exc: Exception) -> None:
@@ -63,9 +64,14 @@ class RedisOutage:
         now = time.monotonic()
         if now - self._logged_at >= QUIET_S:
             self._logged_at = now
+            self._announced = True
             log.error("redis unavailable, drain paused: %s", exc)
 
     def answered(self) -> None:
+        """A call succeeded. (On a Redis Cluster with a node down, calls to the others succeed
+        between the failed ones: only the end of an outage whose start was logged is logged.)"""
         if self.down:
             self.down = False
-            log.info("redis is back: drain resumed")
+            if self._announced:
+                self._announced = False
+                log.info("redis is back: drain resumed")
