@@ -25,20 +25,19 @@ from typing import Any
 from redis.crc import key_slot
 
 from gateway import keys
-from gateway.errors import StoreUnavailable
 from gateway.messages import Messages
 from gateway.registry import Registry
 from gateway.store import Store
-from tests.acceptance.commands import Command
 from tests.acceptance.test_drain_processes import (  # noqa: F401 (fixture)
     Upstream,
+    drained,
     queue,
     start_workers,
     upstream,
 )
 from tests.cluster import LocalCluster, Node, local_cluster
 from tests.conftest import make_settings
-from tests.integration.drain_support import eventually, max_in_window, sustained_rate
+from tests.integration.drain_support import max_in_window, sustained_rate
 from tests.integration.test_cluster import shards_shared_on_cluster
 
 SHARDS = 16  # as `start_workers` runs the workers
@@ -104,36 +103,6 @@ def numbers_by_primary(cluster: LocalCluster) -> dict[Node, str]:
         if len(found) == len(set(owners.values())):
             return {node: found[node] for node in dict.fromkeys(owners.values())}
     raise AssertionError("unreachable")
-
-
-async def drained(store: Store, pns: list[str], within_s: float, *running: Command) -> None:
-    """Until nothing of `pns` is queued, in flight or waiting for a retry. A node failing over
-    meanwhile may not answer for a moment; a process of the test that exited (killed from
-    outside) fails it at once, by name."""
-    registry = Registry(store)
-    left: dict[str, Any] = {}
-
-    async def done() -> bool:
-        for command in running:
-            assert command.process is not None
-            code = command.process.poll()
-            assert code is None, f"gateway {command.args[0]} exited ({code}):\n{command.output()}"
-        try:
-            views = await registry.views(pns)
-        except StoreUnavailable as exc:
-            left["unavailable"] = str(exc)
-            return False
-        left.clear()
-        for pn, view in zip(pns, views, strict=True):
-            assert view is not None
-            if sum(view["queue_depth"].values()) or view["inflight"] or view["retry_waiting"]:
-                left[pn] = (view["queue_depth"], view["inflight"], view["retry_waiting"])
-        return not left
-
-    try:
-        await eventually(done, within_s, "the backlog draining", every_s=0.1)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; left (queued, in flight, retrying): {left}") from None
 
 
 async def statuses(store: Store, ids: list[str]) -> Counter[str]:

@@ -20,6 +20,7 @@ import pytest
 
 from gateway import keys
 from gateway.accept.service import Acceptor
+from gateway.errors import StoreUnavailable
 from gateway.messages import Messages
 from gateway.registry import Registry
 from gateway.store import Store
@@ -132,17 +133,34 @@ async def queue(store: Store, pn: str, count: int) -> list[str]:
     return ids
 
 
-async def drained(store: Store, pns: list[str], within_s: float) -> None:
+async def drained(store: Store, pns: list[str], within_s: float, *running: Command) -> None:
+    """Until nothing of `pns` is queued, in flight or waiting for a retry. Redis (or a cluster
+    node failing over) may not answer for a moment meanwhile; a process of `running` that
+    exited (killed from outside) fails it at once, by name."""
     registry = Registry(store)
+    left: dict[str, Any] = {}
 
     async def done() -> bool:
-        for view in await registry.views(pns):
+        for command in running:
+            assert command.process is not None
+            code = command.process.poll()
+            assert code is None, f"gateway {command.args[0]} exited ({code}):\n{command.output()}"
+        try:
+            views = await registry.views(pns)
+        except StoreUnavailable as exc:
+            left["unavailable"] = str(exc)
+            return False
+        left.clear()
+        for pn, view in zip(pns, views, strict=True):
             assert view is not None
             if sum(view["queue_depth"].values()) or view["inflight"] or view["retry_waiting"]:
-                return False
-        return True
+                left[pn] = (view["queue_depth"], view["inflight"], view["retry_waiting"])
+        return not left
 
-    await eventually(done, within_s, "the backlog draining")
+    try:
+        await eventually(done, within_s, "the backlog draining")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; left (queued, in flight, retrying): {left}") from None
 
 
 async def test_three_worker_processes_hold_every_number_to_its_rate(
