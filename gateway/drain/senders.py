@@ -123,13 +123,8 @@ class Senders:
         dispatch, senders = self.tasks[0], self.tasks[1:]
         deadline = time.monotonic() + grace_s
         # what could not start before the grace period ends goes back now, its grant returned
-        keep: list[tuple[float, int, Taken]] = []
-        for entry in self.waiting:
-            if entry[0] + self.tolerance <= deadline:
-                keep.append(entry)
-            else:
-                self.settler.put_back(entry[2])
-                self._done()
+        keep = [entry for entry in self.waiting if entry[0] + self.tolerance <= deadline]
+        self._put_back([item for at, _, item in self.waiting if at + self.tolerance > deadline])
         heapq.heapify(keep)
         self.waiting[:] = keep
         while self.held and (now := time.monotonic()) < deadline:
@@ -142,12 +137,16 @@ class Senders:
         self.waiting.clear()
         while not self.ready.empty():
             unstarted.append(self.ready.get_nowait())
-        for item in unstarted:  # never started: put back, its grant returned
-            self.settler.put_back(item)
-            self._done()
+        self._put_back(unstarted)
         for sender in senders:
             sender.cancel()  # one still sending releases its message (settle op Q)
         await asyncio.gather(*senders, return_exceptions=True)
+
+    def _put_back(self, items: list[Taken]) -> None:
+        """Never started: back to their lanes, their grants returned."""
+        for item in items:
+            self.settler.put_back(item)
+            self._done()
 
     def _done(self) -> None:
         self.held -= 1
