@@ -7,11 +7,14 @@ lanes, holds, expiry, leases and fences, and the sliding-window rate in the serv
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
+
+import pytest
 
 from gateway import keys
 from gateway.accept.service import Acceptor
-from gateway.drain.take import TakeReply, parse_take, take_args
+from gateway.drain.take import PACE_MS, TakeReply, parse_take, take_args
 from gateway.messages import Messages
 from gateway.registry import Registry
 from gateway.settings import Settings
@@ -223,6 +226,26 @@ async def test_the_window_never_grants_more_than_the_rate(store: Store, settings
         assert sum(1 for g in grants if start <= g < start + window) <= 10
     # at the rate: about 10 per second for the 2.5 s (the first second may start full)
     assert len(grants) >= 20
+
+
+async def test_a_number_is_granted_a_chunk_per_take_and_what_it_fell_behind(
+    store: Store, settings: Settings
+) -> None:
+    """Pacing: a take grants a number `PACE_MS` of its rate, plus what it fell behind since it
+    was due (a take serves many numbers one after another), up to twice that in all."""
+    await Registry(store).put(PN, {"throughput_tier": "high"})  # 1,000 msg/s
+    await queue(store, settings, 200)
+    chunk = math.ceil(1000 * PACE_MS / 1000)
+    first = await take(store, settings)
+    assert len(first.items) == 2 * chunk  # never taken: behind since forever
+    cfg = keys.cfg(keys.shard_of(PN, store.shards), PN)
+    due_ms = float(await store.redis.hget(cfg, "nx"))
+    assert due_ms == pytest.approx(first.base_us / 1000 + 2 * PACE_MS, abs=0.01)
+    assert (await take(store, settings)).items == []  # before it is due: nothing
+    await asyncio.sleep((due_ms - first.now_ms) / 1000 + 0.002)  # (timers may fire early)
+    again = await take(store, settings)
+    behind = math.floor(again.base_us / 1000 - due_ms)
+    assert len(again.items) == min(chunk + behind, 2 * chunk)
 
 
 async def test_a_message_in_flight_when_its_number_is_deleted_fails(

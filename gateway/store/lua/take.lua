@@ -305,8 +305,12 @@ local function take_due(ready, lease)
       local chunk, want, log, stamps, olds, lo = 0, 0, nil, nil, nil, 0
       if limit > 0 then
         chunk = math.min(limit, math.max(min_chunk, math.ceil(limit * pace / 1000)))
+        -- a chunk when taken on its pacing time; what it fell behind since, when taken later
+        -- (a take serves many numbers, one after another), up to a second chunk
+        local behind = math.floor(math.max(first - nx, 0) * limit / 1000)
+        local ask = math.min(chunk + behind, 2 * chunk, budget, limit)
         log = key_window(pn)
-        stamps, olds, lo = window_stamps(log, limit, math.min(2 * chunk, budget, limit), first_us)
+        stamps, olds, lo = window_stamps(log, limit, ask, first_us)
         want = #stamps
         if want == 0 then rate_limited[#rate_limited + 1] = c[5] or '' end
       else
