@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import pytest
 
 from gateway import keys
+from gateway.drain import shards as shards_module
 from gateway.drain.outage import RedisOutage
 from gateway.drain.shards import ShardOwnership
 from gateway.drain.wake import WakeListener
+from gateway.errors import StoreUnavailable
 from gateway.store import Store
 from tests.integration.drain_support import eventually
 
@@ -156,3 +161,32 @@ async def test_a_wake_token_taken_for_a_shard_handed_over_meanwhile_goes_back(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await listener.close()
+
+
+async def test_a_shard_whose_node_does_not_answer_stays_held_while_its_lease_runs(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a cluster, a claim's part on a node failing over (or on a slot being moved) fails
+    alone: its shards stay held while the lease last renewed still runs by a wide margin, so
+    their numbers go on as soon as the node answers again; past that they are let go."""
+    worker = ShardOwnership(store, "w1")
+    await worker.refresh()
+    every = frozenset(range(store.shards))
+    assert worker.owned == every
+    silent = {0, 1}
+    real = store.script_per_node
+
+    async def node_down(name: str, shards: list[int], build: Any, **options: Any) -> Any:
+        if name != "claim":
+            return await real(name, shards, build, **options)
+        answering = [shard for shard in shards if shard not in silent]
+        replies = await real(name, answering, build, **options) if answering else []
+        down = [shard for shard in shards if shard in silent]
+        return replies + ([(down, StoreUnavailable("node down"))] if down else [])
+
+    monkeypatch.setattr(store, "script_per_node", node_down)
+    await worker.refresh()
+    assert worker.owned == every
+    monkeypatch.setattr(shards_module, "KEEP_S", 0.0)  # as if the last renewal were long ago
+    await worker.refresh()
+    assert worker.owned == every - silent
