@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway.accept.validation import parse_message
-from gateway.clock import parse_rfc3339_ms
+from gateway.clock import parse_rfc3339_ms, rfc3339
 from gateway.errors import ApiError
 
 BASE = int(datetime(2030, 1, 1, 9, 0, tzinfo=UTC).timestamp()) * 1000
@@ -78,3 +78,20 @@ def test_a_send_at_in_the_past_or_beyond_30_days_is_refused(days: float) -> None
     with pytest.raises(ApiError) as caught:
         parse_message(_message(_iso(at)))
     assert [d.field for d in caught.value.details] == ["send_at"]
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [
+        (0, "1970-01-01T00:00:00.000Z"),
+        (-1, "1969-12-31T23:59:59.999Z"),
+        (BASE + 7, "2030-01-01T09:00:00.007Z"),
+        (BASE + 999, "2030-01-01T09:00:00.999Z"),
+        (BASE + 1000, "2030-01-01T09:00:01.000Z"),
+        ("1764457200123", "2025-11-29T23:00:00.123Z"),
+        (253402300799999, "9999-12-31T23:59:59.999Z"),
+    ],
+)
+def test_milliseconds_are_shown_as_rfc3339_exactly(ms: int | str, text: str) -> None:
+    assert rfc3339(ms) == text
+    assert parse_rfc3339_ms(text) == int(ms)
