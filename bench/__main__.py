@@ -33,6 +33,7 @@ BENCHMARKS = (
     "redis-cost",
     "handover",
     "durability",
+    "cluster",
 )
 
 
