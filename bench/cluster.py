@@ -139,10 +139,6 @@ async def _run(
     await stack.sandbox_clear(root)
     store = stack.store_for(side.url)
     try:
-        # a cluster client must know the slot map before many first calls at once: redis-py
-        # 8.1 sends a keyed command issued before that to any node, and the MOVED answers'
-        # reconnects break the other calls under way
-        await store.redis.initialize()
         await stack.register(store, {pn: {"throughput_tier": t} for pn, t in tiers.items()})
         redis_before = side.cpu_s()
         total = await stack.queue(store, dict.fromkeys(tiers, max(1, messages // len(tiers))))

@@ -77,6 +77,21 @@ end
 """
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, which reads the slot map before its first command.
+
+    redis-py 8.1 picks a command's node before it has read the slot map: a fresh client's
+    keyed commands went to whatever node, and when many came at once (a process's first burst
+    of requests) the reconnects after their MOVED answers broke the calls under way
+    (`AttributeError` on a closed connection, "Connection closed by server"). `initialize`
+    reads the map once (callers wait on its lock) and is a no-op after.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
 def connect_cluster(
     url: str, *, max_connections: int = 128, socket_timeout: float = 0.75, **extra: Any
 ) -> RedisCluster:
@@ -86,7 +101,7 @@ def connect_cluster(
     replica takes over) the shards on the other nodes keep working.
     """
     seeds, options = parse_cluster_url(url)
-    return RedisCluster(
+    return _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in seeds],
         require_full_coverage=False,
         max_connections=max_connections,
