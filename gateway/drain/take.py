@@ -165,11 +165,17 @@ class NodeShares:
         weights = [1.0 + sum(self.recent.get(s, 0.0) for s in part) for part in parts]
         total = sum(weights)
         plan: dict[int, tuple[int, int]] = {}
-        offset = 0
-        for part, weight in zip(parts, weights, strict=True):
-            share = max(1, round(budget * weight / total))
-            plan[part[0]] = (share, offset)
-            offset += share
+        offset, cumulative = 0, 0.0
+        for index, (part, weight) in enumerate(zip(parts, weights, strict=True)):
+            # Each part's end rounded, not its share: the shares add up to the budget (at
+            # least one each, the parts after this one too). Rounded one by one, 40 over three
+            # nodes made 13 + 13 + 13: a take never used its whole budget, so the send schedule
+            # never learned it could send more, and a cluster drained at its first 2,000 msg/s.
+            cumulative += weight
+            after = len(parts) - index - 1
+            end = max(offset + 1, min(round(budget * cumulative / total), budget - after))
+            plan[part[0]] = (end - offset, offset)
+            offset = end
         return plan
 
     def learn(self, shards: list[int], items: list[Taken]) -> None:
