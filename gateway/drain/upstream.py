@@ -129,6 +129,8 @@ class CloudApi:
             connector=connector,
             timeout=self.timeout,
             json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            # the Cloud API needs no cookies, and a jar costs every request
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def warm(self, count: int = WARM_CONNECTIONS) -> None:
