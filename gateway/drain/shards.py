@@ -105,9 +105,14 @@ class ShardOwnership:
             if got == 1:
                 held.add(shard)
                 self._renewed_at[shard] = asked
-            elif got is None and shard in self.owned and asked < self._renewed_at[shard] + KEEP_S:
+            elif got is None and shard in self.owned and self._lease_runs(shard, asked):
                 held.add(shard)
         return held
+
+    def _lease_runs(self, shard: int, at: float) -> bool:
+        """Whether the lease this worker last renewed on `shard` surely runs at `at`."""
+        renewed = self._renewed_at.get(shard)
+        return renewed is not None and at < renewed + KEEP_S
 
     async def _members(self, mode: str) -> list[str]:
         alive = await self.store.script("members", 0, [self.worker_id, LEASE_MS, mode])
