@@ -241,9 +241,12 @@ async def test_a_number_is_granted_a_chunk_per_take_and_what_it_fell_behind(
     cfg = keys.cfg(keys.shard_of(PN, store.shards), PN)
     due_ms = float(await store.redis.hget(cfg, "nx"))
     assert due_ms == pytest.approx(first.base_us / 1000 + 2 * PACE_MS, abs=0.01)
-    assert (await take(store, settings)).items == []  # before it is due: nothing
-    await asyncio.sleep((due_ms - first.now_ms) / 1000 + 0.002)  # (timers may fire early)
     again = await take(store, settings)
+    # before it is due: nothing (this host may have stalled past it: then that is the next take)
+    assert again.items == [] or again.now_ms >= due_ms
+    if not again.items:
+        await asyncio.sleep((due_ms - again.now_ms) / 1000 + 0.002)  # (timers may fire early)
+        again = await take(store, settings)
     behind = math.floor(again.base_us / 1000 - due_ms)
     assert len(again.items) == min(chunk + behind, 2 * chunk)
 
