@@ -50,6 +50,7 @@ from gateway import keys
 from gateway.errors import StoreUnavailable
 from gateway.settings import parse_cluster_url
 from gateway.store.durability import Durability
+from gateway.store.packing import with_hiredis_packing
 
 log = logging.getLogger("gateway.store")
 
@@ -78,14 +79,26 @@ end
 
 
 class _Cluster(RedisCluster):
-    """redis-py's cluster client, which reads the slot map before its first command.
+    """redis-py's cluster client, which reads the slot map before its first command, and whose
+    nodes' connections pack commands with hiredis as the single-node client's do.
 
     redis-py 8.1 picks a command's node before it has read the slot map: a fresh client's
     keyed commands went to whatever node, and when many came at once (a process's first burst
     of requests) the reconnects after their MOVED answers broke the calls under way
     (`AttributeError` on a closed connection, "Connection closed by server"). `initialize`
     reads the map once (callers wait on its lock) and is a no-op after.
+
+    Packing in Python was 3.5% of a worker draining 1,000 numbers on a cluster (py-spy). The
+    nodes found by reading the slot map are made with the client's connection options
+    (`get_connection_kwargs`); the seed nodes, only asked for the map, keep redis-py's.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        options = self.get_connection_kwargs()
+        plain = options["connection_class"]
+        assert plain is not None
+        options["connection_class"] = with_hiredis_packing(plain)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         await self.initialize()
