@@ -160,6 +160,14 @@ class CloudApi:
         headers = self._headers.get(token)
         if headers is None:
             bearer = token or self.default_token or ""
+            if not (bearer.isascii() and bearer.isprintable()):
+                # (a number registered before its token was checked: written, a control
+                # character would end the header line, and aiohttp refuses to write it)
+                return Answer(
+                    Outcome.AUTH,
+                    code="invalid_access_token",
+                    message="the access token cannot be sent in an Authorization header",
+                )
             headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
             self._headers[token] = headers
         url = self._urls.get(phone_number_id)

@@ -56,6 +56,8 @@ READ_ONLY_FIELDS = frozenset(
 
 # ASCII digits only, matched in full: `\d` takes any script's digits and `$` a final newline.
 _DIGITS = re.compile(r"[0-9]{1,32}")
+TOKEN_MAX = 4096
+_TOKEN = re.compile(rf"[\x21-\x7e]{{1,{TOKEN_MAX}}}")
 PHONE_NUMBER_ID_HINT = (
     "must be Meta's phone_number_id (1-32 digits, e.g. 106540352242922), "
     "not the display phone number"
@@ -80,6 +82,17 @@ def _text(limit: int) -> Callable[[object], str]:
         return value
 
     return check
+
+
+def _token(value: object) -> str:
+    """An access token: sent as `Authorization: Bearer <token>`, so visible ASCII only (a
+    control character would end or forge a header line)."""
+    if isinstance(value, str) and _TOKEN.fullmatch(value):
+        return value
+    raise ValueError(
+        f"must be a token of 1-{TOKEN_MAX} visible ASCII characters (no spaces or control "
+        "characters)"
+    )
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
@@ -126,7 +139,7 @@ _CHECKS: dict[str, Callable[[object], str]] = {
     "throughput_tier": _choice(tuple(TIER_RATES)),
     "connection_type": _choice(CONNECTION_TYPES),
     "status": _choice(STATUSES),
-    "access_token": _text(4096),
+    "access_token": _token,
     "max_mps": _max_mps,
 }
 # Fields that may be null in a PATCH, meaning "remove".

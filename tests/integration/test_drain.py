@@ -280,6 +280,27 @@ async def test_auth_and_blocked_disconnect_the_number_and_hold_the_message(
         await wait_status(client, message_id, "sent")
 
 
+async def test_a_stored_token_that_cannot_be_a_header_disconnects_its_number_only(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    """A token with a control character (stored before tokens were checked at the API) is
+    never written: its number is disconnected as for a refused token, and the worker goes on
+    with the other numbers. (aiohttp refused to write the header, and the sender task's error
+    stopped the whole gateway.)"""
+    await register(client, PN, access_token="EAAG-good")
+    await register(client, OTHER)
+    cfg = keys.cfg(keys.shard_of(PN, store.shards), PN)
+    await store.redis.hset(cfg, "access_token", "EAAG\r\nX-Injected: 1")
+    async with running_drain(drain_settings(settings, sandbox), store):
+        held_id = await send(client)
+        await eventually(
+            lambda: _number_status_is(client, "disconnected"), 5.0, "the number disconnecting"
+        )
+        assert (await status(client, held_id))["status"] == "queued"
+        await wait_status(client, await send(client, phone_number_id=OTHER), "sent")
+    assert await sandbox.requests(PN) == []
+
+
 async def _number_status_is(client: TestClient[Any, Any], wanted: str) -> bool:
     return (await number(client))["status"] == wanted
 

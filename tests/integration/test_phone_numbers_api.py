@@ -151,6 +151,10 @@ async def test_patch_of_an_unknown_number_is_404(client: TestClient[Any, Any]) -
         {"nickname": "x"},
         {"phone_number_id": "123"},
         {"access_token": ""},
+        # a token goes in an Authorization header: nothing that ends or forges a header line
+        {"access_token": "EAAG\r\nX-Injected: 1"},
+        {"access_token": "EAAG secret"},
+        {"access_token": "EAAG\u00e9"},
     ],
 )
 async def test_invalid_fields_are_400(client: TestClient[Any, Any], body: dict[str, Any]) -> None:
