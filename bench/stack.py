@@ -29,6 +29,7 @@ from gateway.registry import Registry
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.store.connection import LISTPACK_VALUE
+from tests.acceptance.commands import run_as_upstream
 
 SHARDS = 64
 # What the embedded Redis runs with, and what README recommends for an external one.
@@ -179,13 +180,8 @@ def sandbox(cpus: set[int] | None = None) -> Iterator[str]:
     # It plays Meta's servers, which do not share a CPU with the gateway: kept off the CPU for
     # 10-25 ms by the worker processes here, it stamps the requests that queued meanwhile as one
     # bunch and measures its own scheduling (seen in `accuracy`, 4 workers on 2 cores: arrivals
-    # up to 25 ms after the write; at nice -10 still up to 36 ms in `test_handover`). So it
-    # runs with real-time scheduling where it may (as root), else at a higher priority.
-    try:
-        os.sched_setscheduler(process.pid, os.SCHED_FIFO, os.sched_param(10))
-    except OSError:  # not allowed (not root, or no real-time budget in this cgroup)
-        with contextlib.suppress(PermissionError):
-            os.setpriority(os.PRIO_PROCESS, process.pid, -10)
+    # up to 25 ms after the write). So it runs as the tests run it.
+    run_as_upstream(process.pid)
     root = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{root}/_sandbox/stats")
