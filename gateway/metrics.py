@@ -92,6 +92,11 @@ RATE_LIMITED = Counter(
     "Sends deferred by a number's rate limit (a take found the number's window full).",
     ["tier"],
 )
+SEND_ERRORS = Counter(
+    "gateway_send_errors",
+    "Sends or settles that met an unexpected error of the gateway itself (a bug, logged with "
+    "its traceback): the message is retried as after a transient failure. Should stay 0.",
+)
 GRANTS_RETURNED = Counter(
     "gateway_grants_returned",
     "Grants given back unsent: the send could not start within the tolerance (half the rate "

@@ -22,7 +22,7 @@ import time
 
 from gateway import metrics
 from gateway.accept.validation import upstream_body
-from gateway.drain.classify import Outcome
+from gateway.drain.classify import Answer, Outcome
 from gateway.drain.schedule import SendSchedule
 from gateway.drain.settle import Settler
 from gateway.drain.take import Taken
@@ -179,6 +179,17 @@ class Senders:
             item = await self.ready.get()
             try:
                 await self._deliver(item)
+            except Exception:
+                # A bug in our own code must not stop the sender (a dead sender task stops the
+                # process): the message's lease runs out and it is taken again, attempt spent.
+                log.exception(
+                    "could not send or settle message %s of number %s; it is taken again "
+                    "when its lease runs out",
+                    item.id,
+                    item.phone_number_id,
+                    extra={"phone_number_id": item.phone_number_id},
+                )
+                metrics.SEND_ERRORS.inc()
             finally:
                 self._done()
 
@@ -210,6 +221,23 @@ class Senders:
             else:
                 self.settler.release(item)
             raise
+        except Exception as exc:
+            # Not an upstream answer: an error of this process (a bug, or a case aiohttp refuses
+            # that we did not foresee). Retried as a transient failure, whether or not the
+            # request was written (as for a timeout): its attempts bound the retries, so one
+            # message that always breaks fails in the end and never stops the other sends.
+            log.exception(
+                "unexpected error sending message %s of number %s",
+                item.id,
+                item.phone_number_id,
+                extra={"phone_number_id": item.phone_number_id},
+            )
+            metrics.SEND_ERRORS.inc()
+            answer = Answer(
+                Outcome.TRANSIENT,
+                code="gateway_send_error",
+                message=f"the gateway could not send this message ({type(exc).__name__})",
+            )
         if answer.outcome is Outcome.LATE:
             self._returned(item, time.monotonic() - item.not_before, answer.message)
             return

@@ -80,9 +80,11 @@ def drain_settings(settings: Settings, sandbox: Sandbox, **changes: Any) -> Sett
 
 
 @asynccontextmanager
-async def running_drain(settings: Settings, store: Store) -> AsyncIterator[Drain]:
+async def running_drain(
+    settings: Settings, store: Store, api_class: type[CloudApi] = CloudApi
+) -> AsyncIterator[Drain]:
     assert settings.upstream_url is not None
-    api = CloudApi(
+    api = api_class(
         settings.upstream_url,
         settings.upstream_token,
         timeout_s=settings.upstream_timeout,

@@ -9,9 +9,10 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import REGISTRY
 
 from gateway import keys
-from gateway.drain.classify import Outcome
+from gateway.drain.classify import Answer, Outcome
 from gateway.drain.upstream import CloudApi, TimedBody
 from gateway.sandbox import mask_token
 from gateway.settings import Settings
@@ -299,6 +300,43 @@ async def test_a_stored_token_that_cannot_be_a_header_disconnects_its_number_onl
         assert (await status(client, held_id))["status"] == "queued"
         await wait_status(client, await send(client, phone_number_id=OTHER), "sent")
     assert await sandbox.requests(PN) == []
+
+
+class _BreaksOnPN(CloudApi):
+    """A client with a bug that only one number's sends meet."""
+
+    async def send(self, phone_number_id: str, token: str | None, body: TimedBody) -> Answer:
+        if phone_number_id == PN:
+            raise RuntimeError("a bug in the gateway")
+        return await super().send(phone_number_id, token, body)
+
+
+async def test_an_unexpected_error_in_a_send_is_retried_and_the_worker_goes_on(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    """An error of our own in one send (not an upstream answer) is retried as a transient
+    failure until its attempts run out, and every other send goes on: it stopped the sender
+    task, and with it the whole process."""
+    await register(client, PN)
+    await register(client, OTHER)
+    errors_before = _send_errors()
+    drain = drain_settings(settings, sandbox, max_attempts=3)
+    async with running_drain(drain, store, api_class=_BreaksOnPN):
+        broken = await send(client)
+        await wait_status(client, broken, "failed")
+        fine = [await send(client, phone_number_id=OTHER) for _ in range(3)]
+        for message_id in fine:
+            await wait_status(client, message_id, "sent")
+    failed = await status(client, broken)
+    assert failed["attempts"] == 3
+    assert failed["error"]["code"] == "gateway_send_error"
+    assert "RuntimeError" in failed["error"]["message"]
+    assert _send_errors() - errors_before == 3
+    assert await sandbox.requests(PN) == []
+
+
+def _send_errors() -> float:
+    return REGISTRY.get_sample_value("gateway_send_errors_total") or 0.0
 
 
 async def _number_status_is(client: TestClient[Any, Any], wanted: str) -> bool:
