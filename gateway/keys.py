@@ -17,9 +17,10 @@ Per shard (`{gw:sN}:` + ...):
                           the sequence (15 digits, per number) keeps those due together in
                           accept order.
     sent:<pn>       HASH  epoch second -> messages sent, for `sent_last_minute`.
-    pr:<pn>:<user>  HASH  a (number, recipient) pair: h the message holding it (in flight, or
-                          waiting for a retry or its pair allowance), t its GCRA theoretical
-                          arrival time (ms); expires when the pair is idle.
+    pr:<pn>:<user>  STRING  a (number, recipient) pair, "<holder> <tat> <parked>": the message
+                          holding it (in flight, or waiting for a retry or its pair allowance;
+                          '' none), its GCRA theoretical arrival time (ms; '' none) and how many
+                          messages are parked behind it; expires when the pair is idle (lib.lua).
     pk:<pn>:<user>  LIST  message ids parked behind the pair's holder, in lane order.
     idem:<scope>:<key>  STRING  first response of an idempotent send (24 h).
     ready           ZSET  pn -> time (ms) from which the number may send next.

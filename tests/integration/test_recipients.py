@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway import keys
 from gateway.api.app import create_app
 from gateway.settings import Settings
 from gateway.store import Store
@@ -186,6 +187,33 @@ async def test_a_parked_message_counts_as_queued_and_can_be_canceled(
         await eventually(lambda: all_sent(client, [ids[0], ids[1], ids[3]]), 15.0, "sent")
     texts = [text for _, text in await ok_texts(sandbox, ONE)]
     assert texts == ["one 0", "one 1", "one 3"]
+    number = await (await client.get(f"/v1/phone-numbers/{PN}", headers=ADMIN)).json()
+    assert number["queue_depth"] == {"high": 0, "normal": 0, "low": 0}
+
+
+async def test_a_pair_kept_as_a_hash_by_the_version_before_is_read(
+    client: TestClient[Any, Any], settings: Settings, store: Store, sandbox: Sandbox
+) -> None:
+    """A pair was a hash (h holder, t tat) before it was one string: a gateway upgraded while a
+    recipient had a message in flight and others parked sends them all, in order."""
+    await register(client, PN)
+    ids = await batch(client, [to(ONE, f"one {i}") for i in range(3)])
+    shard = keys.shard_of(PN, store.shards)
+    user = await store.redis.hget(keys.msg(shard, ids[0]), "t")
+    assert user
+    user = user.decode() if isinstance(user, bytes) else user
+    # as the version before left them: the first holds the pair, the others are parked
+    lane = keys.lane(shard, PN, "n")
+    for parked_id in ids[1:]:
+        await store.redis.lrem(lane, 1, parked_id)
+        await store.redis.rpush(keys.parked(shard, PN, user), parked_id)
+    await store.redis.hincrby(keys.cfg(shard, PN), "p_n", 2)
+    await store.redis.hset(keys.pair(shard, PN, user), mapping={"h": ids[0], "t": "0"})
+    async with running_drain(paced(settings, sandbox), store):
+        await eventually(lambda: all_sent(client, ids), 10.0, "every message sent")
+    assert [text for _, text in await ok_texts(sandbox, ONE)] == [f"one {i}" for i in range(3)]
+    # rewritten as a string, or gone once idle and whole again
+    assert await store.redis.type(keys.pair(shard, PN, user)) in (b"string", b"none")
     number = await (await client.get(f"/v1/phone-numbers/{PN}", headers=ADMIN)).json()
     assert number["queue_depth"] == {"high": 0, "normal": 0, "low": 0}
 

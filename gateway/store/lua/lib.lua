@@ -146,23 +146,50 @@ end
 
 -- Recipients (API.md "Recipients"). With pacing on, each (number, recipient) pair sends one
 -- message at a time, in lane order: the message being sent, or waiting for a retry or for its
--- pair allowance, holds the pair (`pr:<pn>:<user>` h); the pair's later messages, popped from
--- their lane meanwhile, park on `pk:<pn>:<user>` (counted in cfg p_<list>, so queue depths stay
--- right). When the holder ends, its first parked message goes back to the head of its lane and
--- holds the pair in turn: no scan, no cost for the number's other recipients.
+-- pair allowance, holds the pair; the pair's later messages, popped from their lane meanwhile,
+-- park on `pk:<pn>:<user>` (counted in cfg p_<list>, so queue depths stay right). When the
+-- holder ends, its first parked message goes back to the head of its lane and holds the pair in
+-- turn: no scan, no cost for the number's other recipients.
+--
+-- A pair `pr:<pn>:<user>` is one string, "<holder> <tat> <parked>": the message holding it ('':
+-- none), its GCRA theoretical arrival time in ms ('': none) and how many messages are parked
+-- behind it. One string, so that a change is one write and its expiry comes with it: written
+-- while held it has none (SET drops it), idle it expires when its allowance is whole again.
+-- (It was a hash, and a message cost two calls more: a pair written before is read as one.)
+local function pair_get(pn, user)
+  local pk = key_pair(pn, user)
+  local v = redis.pcall('GET', pk)
+  if type(v) == 'table' and v.err then
+    -- a hash of the version before: h holder, t tat, its parked list as long as it is
+    local old = redis.call('HMGET', pk, 'h', 't')
+    local parked = redis.call('LLEN', key_parked(pn, user))
+    return {h = old[1] or '', t = old[2] or '', k = parked, was_hash = true}
+  end
+  if not v then return {h = '', t = '', k = 0} end
+  local h, t, k = string.match(v, '^(%S*) (%S*) (%d+)$')
+  return {h = h or '', t = t or '', k = tonumber(k or '0')}
+end
+
+-- Writes a pair that is held (or has parked messages): it must not expire.
+local function pair_hold(pn, user, pair)
+  local pk = key_pair(pn, user)
+  if pair.was_hash then redis.call('DEL', pk) end
+  redis.call('SET', pk, pair.h .. ' ' .. pair.t .. ' ' .. pair.k)
+end
+
 -- Lets go of the pair `id` holds, if it holds it (`user` may be false: a message from before).
 local function release_pair(id, pn, user, now, retention)
   if not user then return end
-  local pk = key_pair(pn, user)
-  local pair = redis.call('HMGET', pk, 'h', 't')
-  if pair[1] ~= id then return end
+  local pair = pair_get(pn, user)
+  if pair.h ~= id then return end
   local parked = key_parked(pn, user)
   local cfg = key_cfg(pn)
   -- the number's status matters only to a parked message: read when there is one
   local deleted = nil
-  while true do
+  while pair.k > 0 do
     local next_id = redis.call('LPOP', parked)
     if not next_id then break end
+    pair.k = pair.k - 1
     if deleted == nil then deleted = redis.call('HGET', cfg, 'status') == 'deleted' end
     local k = key_msg(next_id)
     local m = redis.call('HMGET', k, 's', 'l', 'c')
@@ -179,19 +206,21 @@ local function release_pair(id, pn, user, now, retention)
       redis.call('EXPIRE', k, retention)
       emit_event(next_id, 'failed', now, retention)
     else
-      redis.call('HSET', pk, 'h', next_id)
+      pair.h = next_id
+      pair_hold(pn, user, pair)
       redis.call('LPUSH', key_lane(pn, list), next_id)
       mark_ready(pn, now)
       return
     end
   end
   -- idle: the pair's state lives only until its allowance is whole again
-  local tat = tonumber(pair[2] or '0')
+  local tat = tonumber(pair.t) or 0
   if tat > now then
-    redis.call('HDEL', pk, 'h')
-    redis.call('PEXPIRE', pk, math.ceil(tat - now))
+    local pk = key_pair(pn, user)
+    if pair.was_hash then redis.call('DEL', pk) end
+    redis.call('SET', pk, ' ' .. pair.t .. ' 0', 'PX', math.ceil(tat - now))
   else
-    redis.call('DEL', pk)
+    redis.call('DEL', key_pair(pn, user))
   end
 end
 

@@ -29,9 +29,10 @@ local now = now_ms()
 local retention = tonumber(ARGV[1])
 local results = {}
 
--- This group's numbers (pn -> what is known of its cfg and what is owed to it) and the message
--- ids whose lease ended; flushed by `flush_group`.
-local numbers, lease_ended
+-- This group's numbers (pn -> what is known of its cfg and what is owed to it), the message
+-- ids whose lease ended, and the wamids the group's sent messages got (wamid, id, ...); flushed
+-- by `flush_group`.
+local numbers, lease_ended, wamids
 
 -- The number's state in this call: its cfg `status` and `tb` as read once (and kept in step
 -- with this script's own writes to them), ops done (inflight to give back), messages sent.
@@ -73,6 +74,17 @@ local function flush_group()
   local lease = key_lease()
   for i = 1, #lease_ended, 500 do
     redis.call('ZREM', lease, unpack(lease_ended, i, math.min(i + 499, #lease_ended)))
+  end
+  -- Statuses Meta sent before the send's answer came are rare: one EXISTS over the group's
+  -- wamids finds whether there are any (a read per message cost a call per message).
+  for i = 1, #wamids, 500 do
+    local held = {}
+    for j = i, math.min(i + 499, #wamids), 2 do held[#held + 1] = key_held(wamids[j]) end
+    if redis.call('EXISTS', unpack(held)) > 0 then
+      for j = i, math.min(i + 499, #wamids), 2 do
+        apply_held(wamids[j + 1], wamids[j], now, retention)
+      end
+    end
   end
 end
 
@@ -135,8 +147,10 @@ local function settle_one(kind, id, fence, a, b)
       if m[8] then emit_event(id, 'sent', now, retention) end
       if a ~= '' then
         -- Meta's statuses find the message by its wamid; any that came before it are applied
+        -- at the end of the group (`flush_group`)
         redis.call('SET', key_wamid(a), id, 'EX', retention)
-        apply_held(id, a, now, retention)
+        wamids[#wamids + 1] = a
+        wamids[#wamids + 1] = id
       end
       release_pair(id, pn, m[9], now, retention)
     elseif kind == 'F' then
@@ -186,7 +200,7 @@ local g = 2
 while g <= #ARGV do
   -- the prelude's key functions all read P: point it at this group's shard
   P = KEYS[tonumber(ARGV[g])]
-  numbers, lease_ended = {}, {}
+  numbers, lease_ended, wamids = {}, {}, {}
   local n = tonumber(ARGV[g + 1])
   for i = g + 2, g + 1 + n * 5, 5 do
     settle_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])

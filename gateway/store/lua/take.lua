@@ -328,34 +328,34 @@ local function take_due(ready, lease)
         local waits = false
         if m[1] == 'queued' and not (m[2] and tonumber(m[2]) <= now) and in_order and m[7] then
           -- its recipient: busy with another message, or over its pair allowance at its stamp?
-          local pk = key_pair(pn, m[7])
-          local pair = redis.call('HMGET', pk, 'h', 't')
-          if pair[1] and pair[1] ~= id then
+          local pair = pair_get(pn, m[7])
+          if pair.h ~= '' and pair.h ~= id then
             redis.call('RPUSH', key_parked(pn, m[7]), id)
             redis.call('HINCRBY', cfg, 'p_' .. list, 1)
+            pair.k = pair.k + 1
+            pair_hold(pn, m[7], pair)
             parked = parked + 1
             waits = true
           elseif pair_interval <= 0 then
             -- order only: it holds its recipient until it ends
-            redis.call('HSET', pk, 'h', id)
+            pair.h = id
+            pair_hold(pn, m[7], pair)
           else
             -- the stamp it would get
             local at = first + granted * spacing_us / 1000
             if limit > 0 then at = stamps[granted + 1] end
-            local tat = math.max(tonumber(pair[2] or '0'), at)
+            local tat = math.max(tonumber(pair.t) or 0, at)
+            pair.h = id
             if tat - pair_tau > at then
               local not_before = math.ceil(tat - pair_tau)
-              redis.call('HSET', pk, 'h', id)
-              -- an idle pair (only `t`) expires; a new one has no expiry to remove
-              if not pair[1] and pair[2] then redis.call('PERSIST', pk) end
+              pair_hold(pn, m[7], pair)
               redis.call('ZADD', retry, not_before, id)
               retry_next = nil
               redis.call('HSET', k, 'nb', not_before, 'ua', now_i)
               waits = true
             else
-              redis.call('HSET', pk, 'h', id, 't', ms(tat + pair_interval))
-              -- held, it must not expire (idle, it did: see release_pair)
-              if not pair[1] and pair[2] then redis.call('PERSIST', pk) end
+              pair.t = ms(tat + pair_interval)
+              pair_hold(pn, m[7], pair)
               if m[8] then redis.call('HDEL', k, 'nb') end
             end
           end
