@@ -11,7 +11,9 @@ Per shard (`{gw:sN}:` + ...):
                           marketing messages (hm, nm, lm) so quality red can hold them apart.
     m:<id>          HASH  one message (fields in `gateway.store.fields`).
     cfg:<pn>        HASH  the phone number: its record and its drain state.
-    rl:<pn>         LIST  sliding-window grant times (ms), newest first, at most rate entries.
+    rl:<pn>         LIST  sliding-window grant times (ms), newest first: the rate's entries and
+                          up to a few chunks more (trimmed now and then); its expiry (ms) is
+                          kept in cfg `lx`, renewed by take.lua when it runs low.
     retry:<pn>      ZSET  message id -> due time (ms) of a message waiting to be retried.
     sched:<pn>      ZSET  "<accept sequence>:<message id>" -> send_at (ms) of a scheduled message;
                           the sequence (15 digits, per number) keeps those due together in

@@ -251,6 +251,35 @@ async def test_a_number_is_granted_a_chunk_per_take_and_what_it_fell_behind(
     assert len(again.items) == min(chunk + behind, 2 * chunk)
 
 
+async def test_a_rate_window_outlives_its_newest_stamp_by_a_window(
+    store: Store, settings: Settings
+) -> None:
+    """The log's expiry is renewed only when its room runs low (cfg `lx`) and it is trimmed only
+    now and then: after every take it still lives a window past its newest stamp, and it never
+    holds more than a few chunks past the rate."""
+    await Registry(store).put(PN, {"throughput_tier": "standard", "max_mps": 20})
+    await queue(store, settings, 120)
+    shard = keys.shard_of(PN, store.shards)
+    log = keys.window(shard, PN)
+    window = 1000.0 + settings.rate_slack * 1000
+    grants = 0
+    deadline = asyncio.get_running_loop().time() + 2.5
+    while asyncio.get_running_loop().time() < deadline:
+        taken = await take(store, settings)
+        if taken.items:
+            grants += len(taken.items)
+            newest = max(float(item.stamp) for item in taken.items)
+            pttl = await store.redis.pttl(log)
+            assert pttl > 0, "the log has an expiry"
+            assert taken.now_ms + pttl >= newest + window
+            assert await store.redis.llen(log) <= 20 + 4 * 20
+            await settle(store, *[("S", i.id, i.fence, "w") for i in taken.items])
+        await asyncio.sleep(0.01)
+    assert grants >= 40
+    # renewed with room to spare, so not at every take
+    assert float(await store.redis.hget(keys.cfg(shard, PN), "lx")) > newest + window
+
+
 async def test_a_message_in_flight_when_its_number_is_deleted_fails(
     store: Store, settings: Settings
 ) -> None:

@@ -74,6 +74,10 @@ local in_order = pair_interval > 0 or ARGV[17] == '1'
 local fleet_bound = tonumber(ARGV[18] or '0')
 -- parks per number per take at most: a long run of one recipient's messages costs a few takes
 local MAX_PARKED = 256
+-- A rate window's log is trimmed back to `limit` entries when it holds this many chunks more.
+local LOG_TRIM_CHUNKS = 4
+-- How long past what it needs a rate window's log is kept when its expiry is renewed (ms).
+local LOG_KEEP_MS = 30000
 -- The first stamp: when the worker asked for, never in the past, never far ahead.
 local asked_us = tonumber(ARGV[10])
 local base_us = math.max(asked_us, now_us)
@@ -252,7 +256,7 @@ local function take_due(ready, lease)
     if budget <= 0 then break end
     local cfg = key_cfg(pn)
     local c = redis.call('HMGET', cfg, 'status', 'quality_rating', 'rate', 'nx', 'throughput_tier',
-                         'access_token')
+                         'access_token', 'lx')
     local nx = tonumber(c[4] or '0')
     local first_us = base_us + handed * spacing_us
     local first = first_us / 1000
@@ -265,9 +269,15 @@ local function take_due(ready, lease)
       -- The first retry and scheduled send, read before the range reads: usually there are none
       -- due, and then they are also what "due again at" below needs (false: none; nil: not
       -- known, read it again).
+      -- (one EXISTS finds both sets empty, as they mostly are: a read each cost a call each)
       local retry = key_retry(pn)
-      local retry_next = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2] or false
-      if retry_next then retry_next = tonumber(retry_next) end
+      local sched = key_sched(pn)
+      local waiting = redis.call('EXISTS', retry, sched) > 0
+      local retry_next = false
+      if waiting then
+        retry_next = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2] or false
+        if retry_next then retry_next = tonumber(retry_next) end
+      end
       if retry_next and retry_next <= now then
         retry_next = nil
         local back = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, 256)
@@ -281,9 +291,11 @@ local function take_due(ready, lease)
       -- Scheduled messages whose send_at has come (by this number's first slot: nothing is
       -- sent before its stamp) join the tail of their lane, those due together in accept order
       -- (the members sort by it). One range read per due number, as for retries.
-      local sched = key_sched(pn)
-      local sched_next = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')[2] or false
-      if sched_next then sched_next = tonumber(sched_next) end
+      local sched_next = false
+      if waiting then
+        sched_next = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')[2] or false
+        if sched_next then sched_next = tonumber(sched_next) end
+      end
       if sched_next and sched_next <= first then
         sched_next = nil
         local released = redis.call('ZRANGEBYSCORE', sched, '-inf', first, 'LIMIT', 0, 256)
@@ -303,6 +315,7 @@ local function take_due(ready, lease)
       local limit = 0
       if rate > 0 then limit = math.max(1, math.floor(rate * (1 - headroom) + 1e-9)) end
       local chunk, want, log, stamps, olds, lo = 0, 0, nil, nil, nil, 0
+      local log_until = nil -- the log's new expiry (ms), when this take renewed it
       if limit > 0 then
         chunk = math.min(limit, math.max(min_chunk, math.ceil(limit * pace / 1000)))
         -- a chunk when taken on its pacing time; what it fell behind since, when taken later
@@ -405,10 +418,19 @@ local function take_due(ready, lease)
         handed = handed + granted
         redis.call('HINCRBY', cfg, 'inflight', granted)
         if limit > 0 then
-          if redis.call('LPUSH', log, unpack(written)) > limit then
+          -- The log must outlive its newest stamp by a window. Its expiry is set with room to
+          -- spare and its time kept in cfg `lx`, so that it is renewed only when that room runs
+          -- low (or the log is new), not at every take; and it is trimmed to `limit` entries
+          -- only once it holds a few chunks more (the entries past `limit` are never read).
+          local length = redis.call('LPUSH', log, unpack(written))
+          if length > limit + LOG_TRIM_CHUNKS * chunk then
             redis.call('LTRIM', log, 0, limit - 1)
           end
-          redis.call('PEXPIRE', log, math.ceil(window) + 3000)
+          local needed = tonumber(written[granted]) + window
+          if length == granted or tonumber(c[7] or '0') < needed then
+            log_until = needed + LOG_KEEP_MS
+            redis.call('PEXPIRE', log, math.ceil(log_until - now))
+          end
         end
         n_groups = n_groups + 1
         groups[#groups + 1] = pn
@@ -460,10 +482,13 @@ local function take_due(ready, lease)
       else
         redis.call('ZREM', ready, pn)
       end
-      if not_before then
+      if not_before and log_until then
+        redis.call('HSET', cfg, 'nx', ms(not_before), 'lx', ms(log_until))
+      elseif not_before then
         redis.call('HSET', cfg, 'nx', ms(not_before))
-      elseif c[4] then
-        redis.call('HDEL', cfg, 'nx')
+      else
+        if log_until then redis.call('HSET', cfg, 'lx', ms(log_until)) end
+        if c[4] then redis.call('HDEL', cfg, 'nx') end
       end
     end
   end
