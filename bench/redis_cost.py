@@ -21,6 +21,9 @@ Commandstats and the slow log measure wall time: a server preempted inside a com
 wait. The headline is CPU time. A plain pipelined `HSET` measured in the same run is the
 yardstick for a slow or fast day (`in_hsets`: a message's cost in simple writes).
 
+The worker runs with the gateway's defaults, per-recipient order and pair pacing on (four
+`redis.call`s per message); `--no-recipient-rules` turns both off, to show what they cost.
+
 Target (issue 9): at most 12 µs of server CPU per message; one node carries 1e6 ÷ that msg/s.
 """
 
@@ -51,6 +54,8 @@ REFERENCE_HSETS = 50_000
 IDLE_S = 2.0
 # the bench's own calls (snapshots, slow log), not the gateway's work
 BENCH_COMMANDS = frozenset({"info", "slowlog", "config", "script"})
+# `--no-recipient-rules`: the worker without per-recipient order and pair pacing
+NO_RECIPIENT_RULES = {"GATEWAY_PAIR_INTERVAL": "0", "GATEWAY_RECIPIENT_ORDER": "false"}
 # the worker on one CPU; Redis and the sandbox on the other (as `bench drain`)
 WORKER_CPU, SERVER_CPU = {0}, {1}
 
@@ -64,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="per shape in the slow-log pass that splits the cost by script (0: no such pass)",
     )
     parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument(
+        "--no-recipient-rules",
+        action="store_true",
+        help="the worker without per-recipient order and pair pacing (GATEWAY_PAIR_INTERVAL=0, "
+        "GATEWAY_RECIPIENT_ORDER=false): what those rules cost per message",
+    )
     parser.add_argument("--shapes", default=",".join(SHAPES))
 
 
@@ -259,6 +270,7 @@ async def _shape(
     messages: int,
     concurrency: int,
     drained: Callable[[], None] = lambda: None,
+    worker_env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Queue (accept), then drain with one worker; the server's cost of each.
 
@@ -282,6 +294,7 @@ async def _shape(
         WORKER_CPU,
         GATEWAY_WORKERS="1",
         GATEWAY_WORKER_CONCURRENCY=str(concurrency),
+        **(worker_env or {}),
     ):
         await stack.wait_sent(root, total, 300)
         await asyncio.sleep(0.5)  # the last settles land
@@ -310,7 +323,13 @@ async def _shape(
 
 
 def _split(
-    redis_url: str, server: Server, root: str, shape: str, messages: int, concurrency: int
+    redis_url: str,
+    server: Server,
+    root: str,
+    shape: str,
+    messages: int,
+    concurrency: int,
+    worker_env: Mapping[str, str],
 ) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     server.slowlog(on=True)
@@ -324,6 +343,7 @@ def _split(
                 messages,
                 concurrency,
                 drained=lambda: entries.extend(server.entries()),
+                worker_env=worker_env,
             )
         )
     finally:
@@ -352,6 +372,7 @@ def _split(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     shapes = [s for s in args.shapes.split(",") if s]
+    worker_env = NO_RECIPIENT_RULES if args.no_recipient_rules else {}
     load_before = os.getloadavg()[0]
     with stack.redis_server(SERVER_CPU) as redis_url, stack.sandbox(SERVER_CPU) as root:
         server = Server(redis_url)
@@ -359,13 +380,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             inner = server.inner_commands_counted()
             references = [server.hset_reference()]
             runs = [
-                asyncio.run(_shape(redis_url, server, root, s, args.messages, args.concurrency))
+                asyncio.run(
+                    _shape(
+                        redis_url,
+                        server,
+                        root,
+                        s,
+                        args.messages,
+                        args.concurrency,
+                        worker_env=worker_env,
+                    )
+                )
                 for s in shapes
             ]
             if args.split_messages > 0:
                 for r in runs:
                     r["split"] = _split(
-                        redis_url, server, root, r["shape"], args.split_messages, args.concurrency
+                        redis_url,
+                        server,
+                        root,
+                        r["shape"],
+                        args.split_messages,
+                        args.concurrency,
+                        worker_env,
                     )
             # the machine drifts within minutes: the yardstick is taken before and after
             references.append(server.hset_reference())
@@ -397,4 +434,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target_us_per_message": TARGET_US,
         "met": worst <= TARGET_US,
         "concurrency": args.concurrency,
+        "recipient_rules": not args.no_recipient_rules,
     }
