@@ -25,8 +25,8 @@ Per shard (`{gw:sN}:` + ...):
                           messages are parked behind it; expires when the pair is idle (lib.lua).
     pk:<pn>:<user>  LIST  message ids parked behind the pair's holder, in lane order.
     idem:<scope>:<key>  STRING  first response of an idempotent send (24 h).
-    ready           ZSET  pn -> time (ms) from which the number may send next.
-    lease           ZSET  message id -> lease deadline (ms) of messages handed to a worker.
+    ready           ZSET  pn -> time (whole ms, rounded up) from which the number may send next.
+    lease           ZSET  message id -> lease deadline (whole ms) of messages handed to a worker.
     wake            LIST  at most one token: "something in this shard became ready".
     owner           STRING  id of the worker process draining this shard (short lease).
     successor       STRING  id of a worker that asked for this shard: its owner hands it over

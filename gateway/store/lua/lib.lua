@@ -19,6 +19,14 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- A time (ms) as a score of the `ready` and `lease` sets: a whole ms, rounded up (never early).
+-- A small sorted set keeps its scores as text: an integer one is read back as an integer, one
+-- with decimals is parsed as a float for every entry an insert or a range read passes (that
+-- made a lease cost more than the message's own writes).
+local function score_ms(x)
+  return string.format('%d', math.ceil(x))
+end
+
 -- The lane list a message waits on: its lane, with "m" for marketing.
 local function list_of(lane, category)
   if category == 'marketing' then return lane .. 'm' end
@@ -130,7 +138,7 @@ end
 -- Puts a number on the ready set no later than `at` (never later than it already is), and
 -- leaves a wake token when that changed anything.
 local function schedule(pn, at)
-  if redis.call('ZADD', key_ready(), 'LT', 'CH', at, pn) > 0 then
+  if redis.call('ZADD', key_ready(), 'LT', 'CH', score_ms(at), pn) > 0 then
     redis.call('LPUSH', key_wake(), '1')
     redis.call('LTRIM', key_wake(), 0, 0)
   end

@@ -117,7 +117,7 @@ local function take_back_lapsed(lease)
       else
         redis.call('HSET', k, 's', 'queued', 'f', tonumber(m[5]) + 1, 'ua', now_i)
         redis.call('LPUSH', key_lane(m[2], list_of(m[3], m[4])), id)
-        mark_ready(m[2], now)
+        mark_ready(m[2], now_i)
       end
     end
   end
@@ -246,7 +246,7 @@ local n_groups = 0
 local handed = 0 -- messages handed out so far in this take: the next one's stamp index
 -- Every lease of this take runs out at the same time; a shard's are added in one ZADD (score,
 -- id, ...) at the end of its turn (nothing in the take reads them before).
-local lease_at = ms(now + lease_ms)
+local lease_at = score_ms(now + lease_ms)
 local leased
 
 local function take_due(ready, lease)
@@ -263,7 +263,7 @@ local function take_due(ready, lease)
     if c[1] ~= 'active' then
       redis.call('ZREM', ready, pn)
     elseif nx > first then
-      redis.call('ZADD', ready, ms(nx), pn)
+      redis.call('ZADD', ready, score_ms(nx), pn)
     else
       local hold_marketing = c[2] == 'red'
       -- The first retry and scheduled send, read before the range reads: usually there are none
@@ -462,7 +462,7 @@ local function take_due(ready, lease)
           end
           not_before = next_at
         else
-          next_at = now
+          next_at = now_i -- (due now: a score rounded up would wait for the next ms)
         end
       else
         -- nothing to send now: due again at its first retry or scheduled send
@@ -478,7 +478,7 @@ local function take_due(ready, lease)
         if sched_next and (not next_at or sched_next < next_at) then next_at = sched_next end
       end
       if next_at then
-        redis.call('ZADD', ready, ms(next_at), pn)
+        redis.call('ZADD', ready, score_ms(next_at), pn)
       else
         redis.call('ZREM', ready, pn)
       end
