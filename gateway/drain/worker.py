@@ -390,17 +390,21 @@ class Drain:
             metrics.local_failed.inc("phone_number_deleted", amount=taken.deleted)
         for tier in taken.rate_limited_tiers:
             metrics.RATE_LIMITED.labels(tier).inc()
-        if taken.slots:
-            slots_end = self.clock.local_latest(taken.base_us + taken.slots * spacing)
-            self.schedule.scheduled(slots_end, taken.slots, budget, free)
-        if taken.items:
-            self.senders.add(taken.items)
-        if reservation is not None:
-            await self._settle_fleet(reservation, [item.stamp for item in taken.items])
         due = {
             shard: float("inf") if due_ms < 0 else self.clock.local_earliest(int(due_ms * 1000))
             for shard, due_ms in taken.next_due_ms.items()
         }
+        if taken.slots:
+            slots_end = self.clock.local_latest(taken.base_us + taken.slots * spacing)
+            # A take that gave a number less than it had (an unlimited number gets at most a
+            # chunk per take) leaves its shard due at once: the rate may grow then too, or one
+            # unlimited number's drain stopped growing at a chunk per step (6,400 msg/s).
+            more = min(due.values(), default=float("inf")) <= received
+            self.schedule.scheduled(slots_end, taken.slots, budget, free, more)
+        if taken.items:
+            self.senders.add(taken.items)
+        if reservation is not None:
+            await self._settle_fleet(reservation, [item.stamp for item in taken.items])
         if failed:  # a cluster node that failed: its shards are tried again after a backoff
             due.update(dict.fromkeys(failed, time.monotonic() + 0.2))
         return due
