@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from gateway import keys
 from gateway.accept.service import Acceptor
 from gateway.drain.take import TakeReply, parse_take, take_args
@@ -28,7 +30,9 @@ ANA = "5491140000001"
 BEA = "5491140000002"
 
 
-async def take(store: Store, budget: int = 100, in_order: bool = False) -> TakeReply:
+async def take(
+    store: Store, budget: int = 100, in_order: bool = False, pair_interval_ms: float = 0.0
+) -> TakeReply:
     shard = keys.shard_of(PN, store.shards)
     args = take_args(
         1010.0,
@@ -38,6 +42,8 @@ async def take(store: Store, budget: int = 100, in_order: bool = False) -> TakeR
         retention_s=3600,
         start_us=0,
         spacing_us=100,
+        pair_interval_ms=pair_interval_ms,
+        pair_burst=45,
         recipient_order=in_order,
     )
     return parse_take([shard], await store.script("take", shard, args))
@@ -166,3 +172,49 @@ async def test_a_message_that_expires_mid_take_lets_the_next_one_go_in_the_same_
     assert [i.id for i in taken.items] == [later, other]
     assert await status(store, first) == "expired"
     assert sum((await number(store))["queue_depth"].values()) == 0
+
+
+async def pair_key(store: Store, message_id: str) -> str:
+    shard = keys.shard_of(PN, store.shards)
+    user = await store.redis.hget(keys.msg(shard, message_id), "t")
+    assert user is not None
+    return keys.pair(shard, PN, user.decode() if isinstance(user, bytes) else user)
+
+
+async def test_a_recipients_lone_message_claims_and_frees_its_pair_in_one_call_each(
+    store: Store, settings: Settings
+) -> None:
+    """The common case, a recipient with no state: the take claims the pair with one SET, the
+    settle writes it idle with one SET; what they write is what the full reads and writes did."""
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [message_id] = await queue(store, settings, ANA)
+    [item] = (await take(store, in_order=True, pair_interval_ms=6000.0)).items
+    key = await pair_key(store, message_id)
+    holder, tat, parked = (await store.redis.get(key)).decode().split(" ")
+    assert (holder, parked) == (message_id, "0")
+    assert float(tat) == pytest.approx(float(item.stamp) + 6000.0, abs=0.01)
+    assert await store.redis.pttl(key) == -1  # held: it must not expire
+    assert await settle(store, ("S", item.id, item.fence, "wamid.1")) == [1]
+    assert (await store.redis.get(key)).decode() == f" {tat} 0"
+    assert 0 < await store.redis.pttl(key) <= 6000  # idle until its allowance is whole
+
+
+async def test_a_settle_leaves_a_pair_it_does_not_hold_as_it_was(
+    store: Store, settings: Settings
+) -> None:
+    """The one-call release writes first and reads what it replaced: when that was not what the
+    message's take wrote, what was there is put back (or the full release goes on)."""
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [ana, bea] = await queue(store, settings, ANA, BEA)
+    first, second = (await take(store, in_order=True, pair_interval_ms=6000.0)).items
+    held_by_another = "someone-else 123.000 2"
+    await store.redis.set(await pair_key(store, ana), held_by_another)
+    await store.redis.delete(await pair_key(store, bea))
+    codes = await settle(
+        store, ("S", first.id, first.fence, "wamid.1"), ("F", second.id, second.fence, "{}")
+    )
+    assert codes == [1, 1]
+    assert (await store.redis.get(await pair_key(store, ana))).decode() == held_by_another
+    assert await store.redis.pttl(await pair_key(store, ana)) == -1
+    assert not await store.redis.exists(await pair_key(store, bea))
+    assert [await status(store, m) for m in (ana, bea)] == ["sent", "failed"]

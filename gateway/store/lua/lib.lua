@@ -5,7 +5,9 @@
 -- w upstream message id, e error JSON; delivery receipts: da delivered ms, ra read ms, pa played
 -- ms, fa failed ms; status callbacks: cb callback URL (set at accept: the message's own or
 -- GATEWAY_CALLBACK_URL; none: no callbacks), ev events emitted so far, eh the event now on the
--- outbox (absent: none pending); scheduled sends: sd send_at ms, sk its member of `sched:<pn>`.
+-- outbox (absent: none pending); scheduled sends: sd send_at ms, sk its member of `sched:<pn>`;
+-- recipients: t the recipient, nb not before (waiting for its pair allowance), pv its pair as the
+-- take that made it the pair's holder wrote it.
 
 -- Where the message id starts in a member of `sched:<pn>` (after "<15-digit sequence>:").
 local SCHED_ID_AT = 17
@@ -164,31 +166,86 @@ end
 -- behind it. One string, so that a change is one write and its expiry comes with it: written
 -- while held it has none (SET drops it), idle it expires when its allowance is whole again.
 -- (It was a hash, and a message cost two calls more: a pair written before is read as one.)
-local function pair_get(pn, user)
-  local pk = key_pair(pn, user)
-  local v = redis.pcall('GET', pk)
-  if type(v) == 'table' and v.err then
-    -- a hash of the version before: h holder, t tat, its parked list as long as it is
-    local old = redis.call('HMGET', pk, 'h', 't')
-    local parked = redis.call('LLEN', key_parked(pn, user))
-    return {h = old[1] or '', t = old[2] or '', k = parked, was_hash = true}
-  end
-  if not v then return {h = '', t = '', k = 0} end
+local function pair_parse(v)
   local h, t, k = string.match(v, '^(%S*) (%S*) (%d+)$')
   return {h = h or '', t = t or '', k = tonumber(k or '0')}
 end
 
--- Writes a pair that is held (or has parked messages): it must not expire.
+-- The pair as a GET (or a GET option) answered `v`: a string, nil (false), or the error of a key
+-- that is not a string (a hash of the version before, read here).
+local function pair_of(pn, user, v)
+  if type(v) == 'table' and v.err then
+    -- a hash of the version before: h holder, t tat, its parked list as long as it is
+    local pk = key_pair(pn, user)
+    local old = redis.call('HMGET', pk, 'h', 't')
+    local parked = redis.call('LLEN', key_parked(pn, user))
+    return {h = old[1] or '', t = old[2] or '', k = parked}
+  end
+  if not v then return {h = '', t = '', k = 0} end
+  return pair_parse(v)
+end
+
+local function pair_get(pn, user)
+  return pair_of(pn, user, redis.pcall('GET', key_pair(pn, user)))
+end
+
+-- Writes a pair that is held (or has parked messages): it must not expire. Returns the value.
 local function pair_hold(pn, user, pair)
+  -- (SET replaces a hash of the version before too)
+  local v = pair.h .. ' ' .. pair.t .. ' ' .. pair.k
+  redis.call('SET', key_pair(pn, user), v)
+  return v
+end
+
+-- Writes an idle pair: it lives until its allowance is whole again.
+local function pair_idle(pk, t, now)
+  local tat = tonumber(t) or 0
+  if tat > now then
+    redis.call('SET', pk, ' ' .. t .. ' 0', 'PX', math.ceil(tat - now))
+  else
+    redis.call('DEL', pk)
+  end
+end
+
+-- The quick release, for a message whose take wrote the pair as `written` ("<id> <tat> 0": it
+-- held it with nothing parked behind): one call writes the pair idle and answers what it was.
+-- That was `written` unless a message parked behind it since; then the pair is as it found it
+-- and the one read is returned, for the full release to go on from (nil: nothing to do).
+local function release_quick(id, pn, user, now, written)
+  local mine = pair_parse(written)
+  if mine.h ~= id or mine.k ~= 0 then return pair_get(pn, user) end
   local pk = key_pair(pn, user)
-  if pair.was_hash then redis.call('DEL', pk) end
-  redis.call('SET', pk, pair.h .. ' ' .. pair.t .. ' ' .. pair.k)
+  local tat = tonumber(mine.t) or 0
+  local was
+  if tat > now then
+    was = redis.pcall('SET', pk, ' ' .. mine.t .. ' 0', 'PX', math.ceil(tat - now), 'GET')
+  else
+    was = redis.pcall('GETDEL', pk)
+  end
+  if was == written then return nil end
+  -- (an error wrote nothing: the key was a hash of the version before)
+  local pair = pair_of(pn, user, was)
+  if type(was) == 'string' and pair.h ~= id then
+    -- another holds it, or nobody: put back what was there
+    if pair.h ~= '' then redis.call('SET', pk, was) else pair_idle(pk, pair.t, now) end
+  elseif not was then
+    redis.call('DEL', pk)
+  end
+  -- (held by `id` with messages parked: the full release writes it)
+  return pair
 end
 
 -- Lets go of the pair `id` holds, if it holds it (`user` may be false: a message from before).
-local function release_pair(id, pn, user, now, retention)
+-- `written`: the pair as this message's take wrote it (`pv`), when known.
+local function release_pair(id, pn, user, now, retention, written)
   if not user then return end
-  local pair = pair_get(pn, user)
+  local pair
+  if written then
+    pair = release_quick(id, pn, user, now, written)
+    if not pair then return end
+  else
+    pair = pair_get(pn, user)
+  end
   if pair.h ~= id then return end
   local parked = key_parked(pn, user)
   local cfg = key_cfg(pn)
@@ -222,14 +279,7 @@ local function release_pair(id, pn, user, now, retention)
     end
   end
   -- idle: the pair's state lives only until its allowance is whole again
-  local tat = tonumber(pair.t) or 0
-  if tat > now then
-    local pk = key_pair(pn, user)
-    if pair.was_hash then redis.call('DEL', pk) end
-    redis.call('SET', pk, ' ' .. pair.t .. ' 0', 'PX', math.ceil(tat - now))
-  else
-    redis.call('DEL', key_pair(pn, user))
-  end
+  pair_idle(key_pair(pn, user), pair.t, now)
 end
 
 -- Ends a message that is still `queued` (in a lane list, its retry set or parked) or `scheduled`

@@ -339,10 +339,21 @@ local function take_due(ready, lease)
         local k = key_msg(id)
         local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca', 't', 'nb')
         local waits = false
+        local holds = nil -- the pair as written when this take made the message its holder
         if m[1] == 'queued' and not (m[2] and tonumber(m[2]) <= now) and in_order and m[7] then
           -- its recipient: busy with another message, or over its pair allowance at its stamp?
-          local pair = pair_get(pn, m[7])
-          if pair.h ~= '' and pair.h ~= id then
+          -- (the stamp it would get)
+          local at = first + granted * spacing_us / 1000
+          if limit > 0 then at = stamps[granted + 1] end
+          -- Most recipients have no state (their first message in a while): one SET claims
+          -- the pair for this message if it has none, else answers what it holds.
+          local claim = id .. ' ' .. (pair_interval > 0 and ms(at + pair_interval) or '') .. ' 0'
+          local held = redis.pcall('SET', key_pair(pn, m[7]), claim, 'NX', 'GET')
+          local pair = pair_of(pn, m[7], held)
+          if not held then
+            holds = claim
+            if m[8] then redis.call('HDEL', k, 'nb') end
+          elseif pair.h ~= '' and pair.h ~= id then
             redis.call('RPUSH', key_parked(pn, m[7]), id)
             redis.call('HINCRBY', cfg, 'p_' .. list, 1)
             pair.k = pair.k + 1
@@ -352,11 +363,8 @@ local function take_due(ready, lease)
           elseif pair_interval <= 0 then
             -- order only: it holds its recipient until it ends
             pair.h = id
-            pair_hold(pn, m[7], pair)
+            holds = pair_hold(pn, m[7], pair)
           else
-            -- the stamp it would get
-            local at = first + granted * spacing_us / 1000
-            if limit > 0 then at = stamps[granted + 1] end
             local tat = math.max(tonumber(pair.t) or 0, at)
             pair.h = id
             if tat - pair_tau > at then
@@ -368,7 +376,7 @@ local function take_due(ready, lease)
               waits = true
             else
               pair.t = ms(tat + pair_interval)
-              pair_hold(pn, m[7], pair)
+              holds = pair_hold(pn, m[7], pair)
               if m[8] then redis.call('HDEL', k, 'nb') end
             end
           end
@@ -387,7 +395,13 @@ local function take_due(ready, lease)
           else
             local fence = tonumber(m[3] or '0') + 1
             local attempts = tonumber(m[4] or '0') + 1
-            redis.call('HSET', k, 's', 'sending', 'f', fence, 'a', attempts, 'ua', now_i)
+            if holds then
+              -- `pv`: what its settle lets go of in one call (lib.lua, release_quick)
+              redis.call('HSET', k, 's', 'sending', 'f', fence, 'a', attempts, 'ua', now_i,
+                         'pv', holds)
+            else
+              redis.call('HSET', k, 's', 'sending', 'f', fence, 'a', attempts, 'ua', now_i)
+            end
             leased[#leased + 1] = lease_at
             leased[#leased + 1] = id
             items[#items + 1] = id
