@@ -7,7 +7,8 @@
 -- GATEWAY_CALLBACK_URL; none: no callbacks), ev events emitted so far, eh the event now on the
 -- outbox (absent: none pending); scheduled sends: sd send_at ms, sk its member of `sched:<pn>`;
 -- recipients: t the recipient, nb not before (waiting for its pair allowance), pv its pair as the
--- take that made it the pair's holder wrote it.
+-- take that made it the pair's holder wrote it when nothing was parked behind ('' otherwise),
+-- pt that pair's tat.
 
 -- Where the message id starts in a member of `sched:<pn>` (after "<15-digit sequence>:").
 local SCHED_ID_AT = 17
@@ -207,18 +208,16 @@ local function pair_idle(pk, t, now)
   end
 end
 
--- The quick release, for a message whose take wrote the pair as `written` ("<id> <tat> 0": it
--- held it with nothing parked behind): one call writes the pair idle and answers what it was.
--- That was `written` unless a message parked behind it since; then the pair is as it found it
--- and the one read is returned, for the full release to go on from (nil: nothing to do).
-local function release_quick(id, pn, user, now, written)
-  local mine = pair_parse(written)
-  if mine.h ~= id or mine.k ~= 0 then return pair_get(pn, user) end
+-- The quick release, for a message whose take wrote the pair as `written` ("<id> <t> 0": it
+-- held it with nothing parked behind; `t` its tat): one call writes the pair idle and answers
+-- what it was. That was `written` unless a message parked behind it since; then the pair is as
+-- it found it and the one read is returned, for the full release to go on from (nil: done).
+local function release_quick(id, pn, user, now, written, t)
   local pk = key_pair(pn, user)
-  local tat = tonumber(mine.t) or 0
+  local tat = tonumber(t) or 0
   local was
   if tat > now then
-    was = redis.pcall('SET', pk, ' ' .. mine.t .. ' 0', 'PX', math.ceil(tat - now), 'GET')
+    was = redis.pcall('SET', pk, ' ' .. t .. ' 0', 'PX', math.ceil(tat - now), 'GET')
   else
     was = redis.pcall('GETDEL', pk)
   end
@@ -236,12 +235,13 @@ local function release_quick(id, pn, user, now, written)
 end
 
 -- Lets go of the pair `id` holds, if it holds it (`user` may be false: a message from before).
--- `written`: the pair as this message's take wrote it (`pv`), when known.
-local function release_pair(id, pn, user, now, retention, written)
+-- `written` and `t`: the pair as this message's take wrote it with nothing parked behind, and
+-- its tat (`pv`, `pt`), when known.
+local function release_pair(id, pn, user, now, retention, written, t)
   if not user then return end
   local pair
-  if written then
-    pair = release_quick(id, pn, user, now, written)
+  if written and written ~= '' then
+    pair = release_quick(id, pn, user, now, written, t or '')
     if not pair then return end
   else
     pair = pair_get(pn, user)

@@ -117,10 +117,11 @@ end
 
 local function settle_one(kind, id, fence, a, b)
   local k = key_msg(id)
-  local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a', 'cb', 't', 'e', 'pv')
+  local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a', 'cb', 't', 'e', 'pv', 'pt')
   -- m[8], the callback URL: only a message with one has events (emit_event's own reads are
   -- then spared for every other message); m[10], an earlier attempt's error, cleared when sent;
-  -- m[11], its pair as its take wrote it (a release in one call: lib.lua, release_quick)
+  -- m[11] and m[12], its pair as its take wrote it (a release in one call: lib.lua,
+  -- release_quick)
   if m[1] ~= 'sending' or m[2] ~= fence then
     results[#results + 1] = 0
   else
@@ -134,7 +135,7 @@ local function settle_one(kind, id, fence, a, b)
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', DELETED_ERROR)
       redis.call('EXPIRE', k, retention)
       if m[8] then emit_event(id, 'failed', now, retention) end
-      release_pair(id, pn, m[9], now, retention, m[11])
+      release_pair(id, pn, m[9], now, retention, m[11], m[12])
       code = 3
     elseif kind == 'S' then
       redis.call('HSET', k, 's', 'sent', 'sa', now, 'ua', now, 'w', a)
@@ -153,19 +154,19 @@ local function settle_one(kind, id, fence, a, b)
         wamids[#wamids + 1] = a
         wamids[#wamids + 1] = id
       end
-      release_pair(id, pn, m[9], now, retention, m[11])
+      release_pair(id, pn, m[9], now, retention, m[11], m[12])
     elseif kind == 'F' then
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', a)
       redis.call('EXPIRE', k, retention)
       if m[8] then emit_event(id, 'failed', now, retention) end
-      release_pair(id, pn, m[9], now, retention, m[11])
+      release_pair(id, pn, m[9], now, retention, m[11], m[12])
     elseif kind == 'R' then
       local due = now + tonumber(a)
       if m[6] and tonumber(m[6]) <= due then
         redis.call('HSET', k, 's', 'expired', 'ua', now, 'e', b)
         redis.call('EXPIRE', k, retention)
         if m[8] then emit_event(id, 'expired', now, retention) end
-        release_pair(id, pn, m[9], now, retention, m[11])
+        release_pair(id, pn, m[9], now, retention, m[11], m[12])
         code = 2
       else
         redis.call('HSET', k, 's', 'queued', 'ua', now, 'e', b)
