@@ -145,6 +145,21 @@ async def test_a_lapsed_lease_comes_back_and_fences_out_the_late_worker(
     assert (await status(store, message_id))["upstream_message_id"] == "wamid.NEW"
 
 
+async def test_the_lease_sets_sentinel_is_never_a_lease(store: Store, settings: Settings) -> None:
+    """A shard's lease set keeps a member scored +inf so that it stays a skiplist (cheap inserts
+    and removals); no read of the leases may take it for one."""
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    shard = keys.shard_of(PN, store.shards)
+    await queue(store, settings, 3)
+    items = (await take(store, settings)).items
+    assert await store.redis.object("encoding", keys.lease(shard)) in (b"skiplist", "skiplist")
+    await settle(store, *[("S", i.id, i.fence, "w") for i in items])
+    # nothing in flight, nothing queued: the shard has nothing due (not a lease due at +inf)
+    after = await take(store, settings)
+    assert after.items == []
+    assert after.next_due_ms[shard] == -1
+
+
 async def test_requeue_returns_to_the_head_without_spending_an_attempt(
     store: Store, settings: Settings
 ) -> None:
