@@ -181,7 +181,8 @@ class Senders:
                 await self._deliver(item)
             except Exception:
                 # A bug in our own code must not stop the sender (a dead sender task stops the
-                # process): the message's lease runs out and it is taken again, attempt spent.
+                # process): a message not settled yet is taken again when its lease runs out,
+                # its attempt spent.
                 log.exception(
                     "could not send or settle message %s of number %s; it is taken again "
                     "when its lease runs out",
