@@ -529,8 +529,9 @@ local function take_due(ready, lease)
     end
   end
   if #leased > 0 then
-    -- The set's sentinel first (a no-op once it is there): see LEASE_SENTINEL.
-    redis.call('ZADD', lease, 'inf', LEASE_SENTINEL)
+    -- the set's sentinel in the same ZADD, first (a no-op once it is there): LEASE_SENTINEL
+    table.insert(leased, 1, LEASE_SENTINEL)
+    table.insert(leased, 1, 'inf')
   end
   for i = 1, #leased, 1000 do
     redis.call('ZADD', lease, unpack(leased, i, math.min(i + 999, #leased)))
