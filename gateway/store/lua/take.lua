@@ -158,7 +158,6 @@ end
 
 -- (constant tables made once: a table made per message was garbage to collect per message)
 local LANES = {'h', 'n', 'l'}
-local MARKETING = {h = 'hm', n = 'nm', l = 'lm'}
 local LANE_LISTS = {h = {'h', 'hm'}, n = {'n', 'nm'}, l = {'l', 'lm'}}
 
 -- Takes the next message of a number: lanes high, normal, low; within a lane, the older of the
@@ -166,7 +165,7 @@ local LANE_LISTS = {h = {'h', 'hm'}, n = {'n', 'nm'}, l = {'l', 'lm'}}
 -- `n`: how many ids to read ahead when a list's read ones are all taken.
 local function lanes_pop(r, n)
   for _, lane in ipairs(LANES) do
-    local marketing = MARKETING[lane]
+    local marketing = LANE_LISTS[lane][2]
     local a = lanes_head(r, lane, n)
     local b = nil
     if not r.hold then b = lanes_head(r, marketing, n) end
@@ -518,14 +517,11 @@ local function take_due(ready, lease)
       else
         redis.call('ZREM', ready, pn)
       end
-      if not_before and log_until then
-        redis.call('HSET', cfg, 'nx', ms(not_before), 'lx', ms(log_until))
-      elseif not_before then
-        redis.call('HSET', cfg, 'nx', ms(not_before))
-      else
-        if log_until then redis.call('HSET', cfg, 'lx', ms(log_until)) end
-        if c[4] then redis.call('HDEL', cfg, 'nx') end
-      end
+      local writes = {}
+      if not_before then writes = {'nx', ms(not_before)} end
+      if log_until then writes[#writes + 1] = 'lx'; writes[#writes + 1] = ms(log_until) end
+      if #writes > 0 then redis.call('HSET', cfg, unpack(writes)) end
+      if not not_before and c[4] then redis.call('HDEL', cfg, 'nx') end
     end
   end
   if #leased > 0 then
