@@ -21,8 +21,9 @@ Commandstats and the slow log measure wall time: a server preempted inside a com
 wait. The headline is CPU time. A plain pipelined `HSET` measured in the same run is the
 yardstick for a slow or fast day (`in_hsets`: a message's cost in simple writes).
 
-The worker runs with the gateway's defaults, per-recipient order and pair pacing on (four
-`redis.call`s per message); `--no-recipient-rules` turns both off, to show what they cost.
+The worker runs with the gateway's defaults, per-recipient order and pair pacing on (a call on
+the message's pair at take and at settle, more when messages park behind it);
+`--no-recipient-rules` turns both off, to show what they cost.
 
 Target (issue 9): at most 12 µs of server CPU per message; one node carries 1e6 ÷ that msg/s.
 """
