@@ -300,12 +300,12 @@ class Acceptor:
             ids.ids_for([s for s, g in zip(group_shards, groups.values(), strict=True) for _ in g])
         )
         message_ids: dict[int, str] = {}
-        by_shard: dict[int, list[Any]] = {}
+        by_shard: dict[int, list[list[Any]]] = {}  # shard -> its groups' args (push.lua)
         numbers: dict[int, list[str]] = {}
         for shard, (pn, group) in zip(group_shards, groups.items(), strict=True):
             numbers.setdefault(shard, []).append(pn)
-            args = by_shard.setdefault(shard, [])
-            args += [pn, len(group)]
+            args = [pn, len(group)]
+            by_shard.setdefault(shard, []).append(args)
             for entry in group:
                 message_id = next(fresh)
                 message_ids[entry.index] = message_id
@@ -315,25 +315,28 @@ class Acceptor:
                     message.lane_list,
                     message.category,
                     message.payload,
+                    message.recipient,
+                ]
+                extras = (
                     message.reference,
                     message.ttl_seconds,
                     entry.key,
                     entry.digest,
                     message.callback_url,
                     message.send_at_ms,
-                    message.recipient,
-                ]
+                )
+                # (most messages have none: each value costs the script as much as a write)
+                if any(extras):
+                    args += [len(extras), *extras]
+                else:
+                    args.append(0)
 
         def args_for(part: list[int]) -> list[Any]:
             args: list[Any] = [self.max_backlog, scope, IDEMPOTENCY_TTL_S]
             for key_index, shard in enumerate(part, start=1):
-                group_args = by_shard[shard]
-                at = 0
-                while at < len(group_args):  # pn, count, count x 11 values
-                    end = at + 2 + 11 * group_args[at + 1]
+                for group_args in by_shard[shard]:
                     args.append(key_index)
-                    args += group_args[at:end]
-                    at = end
+                    args += group_args
             return args
 
         # A reply has a run of values per number, in its call's order: by shard, then number.

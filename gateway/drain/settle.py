@@ -100,7 +100,8 @@ class Settler:
         outcome = answer.outcome
         pn = item.phone_number_id
         if outcome is Outcome.OK:
-            self._op(Op("S", item.id, item.fence, answer.upstream_message_id or "", tier=item.tier))
+            wamid = answer.upstream_message_id or ""
+            self._op(Op("S", item.id, item.fence, wamid, item.context, tier=item.tier))
             delay_ms = time.time() * 1000.0 - item.created_ms
             metrics.local_send_delay.observe(max(delay_ms, 0.0) / 1000.0)
         elif outcome is Outcome.THROUGHPUT:

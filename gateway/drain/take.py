@@ -47,6 +47,9 @@ class Taken:
     # can be (the deadline counts from it) and the latest (it is never written before).
     start: float
     not_before: float
+    # What a settle of this attempt as sent needs to record it without reading the message
+    # back (take.lua); opaque here, '' when there is none.
+    context: str = ""
 
 
 @dataclass(slots=True)
@@ -100,6 +103,15 @@ def take_args(
     ]
 
 
+def _stamp(raw: bytes | int) -> tuple[str, int]:
+    """An item's stamp as text (ms, three decimals) and in µs, from either form take.lua gives:
+    the text a rate-limited number's window holds, or an unlimited number's µs."""
+    if isinstance(raw, int):
+        return f"{raw // 1000}.{raw % 1000:03d}", raw
+    text = raw.decode()
+    return text, int(float(text) * 1000)
+
+
 def parse_take(shards: list[int], reply: list[Any], clock: ServerClock | None = None) -> TakeReply:
     """Read the reply of a take from `shards`; `clock` maps stamps to this process's clock."""
     now_ms = float(reply[0])
@@ -119,8 +131,7 @@ def parse_take(shards: list[int], reply: list[Any], clock: ServerClock | None = 
         for _ in range(count):
             message_id = reply[pos].decode()
             expires = reply[pos + 5]
-            stamp = reply[pos + 6].decode()
-            stamp_us = int(float(stamp) * 1000)
+            stamp, stamp_us = _stamp(reply[pos + 6])
             items.append(
                 Taken(
                     shard=int(message_id.split("-", 1)[0]),
@@ -137,9 +148,10 @@ def parse_take(shards: list[int], reply: list[Any], clock: ServerClock | None = 
                     stamp=stamp,
                     start=clock.local_earliest(stamp_us) if clock is not None else 0.0,
                     not_before=clock.local_latest(stamp_us) if clock is not None else 0.0,
+                    context=reply[pos + 7].decode(),
                 )
             )
-            pos += 7
+            pos += 8
     return TakeReply(
         now_ms, next_due, items, expired, rate_limited, deleted, int(reply[5]), int(reply[6])
     )

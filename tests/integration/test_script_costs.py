@@ -12,9 +12,8 @@ lets its recipient's next message go.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
-
-import pytest
 
 from gateway import keys
 from gateway.accept.service import Acceptor
@@ -23,7 +22,7 @@ from gateway.messages import Messages
 from gateway.registry import Registry
 from gateway.settings import Settings
 from gateway.store import Store
-from tests.integration.test_take_settle import settle
+from tests.integration.test_take_settle import sent, settle
 
 PN = "555123456789"
 ANA = "5491140000001"
@@ -192,12 +191,28 @@ async def test_a_recipients_lone_message_claims_and_frees_its_pair_in_one_call_e
     key = await pair_key(store, message_id)
     holder, tat, parked = (await store.redis.get(key)).decode().split(" ")
     assert (holder, parked) == (message_id, "0")
-    assert float(tat) == pytest.approx(float(item.stamp) + 6000.0, abs=0.01)
+    assert tat == str(math.ceil(float(item.stamp) + 6000.0))  # whole ms: never early
     assert await store.redis.pttl(key) == -1  # held: it must not expire
-    assert await settle(store, ("S", item.id, item.fence, "wamid.1")) == [1]
+    assert await settle(store, sent(item, "wamid.1")) == [1]
     assert (await store.redis.get(key)).decode() == f" {tat} 0"
     # idle until its allowance is whole: tat less the settle's time (whole ms), rounded up
     assert 0 < await store.redis.pttl(key) <= 6002
+
+
+async def test_a_pair_whose_allowance_is_whole_again_is_deleted_by_its_release(
+    store: Store, settings: Settings
+) -> None:
+    """The one-call release writes the idle pair to expire at its tat: one already past deletes
+    it (as the full release did)."""
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [message_id] = await queue(store, settings, ANA)
+    [item] = (await take(store, in_order=True, pair_interval_ms=5.0)).items
+    key = await pair_key(store, message_id)
+    assert await store.redis.exists(key)
+    await asyncio.sleep(0.05)
+    assert await settle(store, sent(item, "wamid.1")) == [1]
+    assert not await store.redis.exists(key)
+    assert await status(store, message_id) == "sent"
 
 
 async def test_a_settle_leaves_a_pair_it_does_not_hold_as_it_was(
@@ -211,11 +226,99 @@ async def test_a_settle_leaves_a_pair_it_does_not_hold_as_it_was(
     held_by_another = "someone-else 123.000 2"
     await store.redis.set(await pair_key(store, ana), held_by_another)
     await store.redis.delete(await pair_key(store, bea))
-    codes = await settle(
-        store, ("S", first.id, first.fence, "wamid.1"), ("F", second.id, second.fence, "{}")
-    )
+    codes = await settle(store, sent(first, "wamid.1"), ("F", second.id, second.fence, "{}"))
     assert codes == [1, 1]
     assert (await store.redis.get(await pair_key(store, ana))).decode() == held_by_another
     assert await store.redis.pttl(await pair_key(store, ana)) == -1
     assert not await store.redis.exists(await pair_key(store, bea))
     assert [await status(store, m) for m in (ana, bea)] == ["sent", "failed"]
+
+
+async def calls_of(store: Store, command: str) -> int:
+    """How many times the server ran `command` since its stats were reset (scripts' calls too)."""
+    stats = await store.redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_a_first_attempt_sent_is_recorded_without_reading_the_message(
+    store: Store, settings: Settings
+) -> None:
+    """A worker settles a send with its take's context: its lease in the lease set proves the
+    attempt current, so the settle writes without reading the message, and still records all a
+    read-back settle did (status, wamid index, the pair let go of, the number's counts)."""
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [message_id, *others] = await queue(store, settings, ANA, BEA, "5491140000003")
+    [item, *rest] = (await take(store, in_order=True, pair_interval_ms=6000.0)).items
+    assert item.context != ""
+    await store.redis.config_resetstat()
+    ops = [sent(item, "wamid.Q1"), *[sent(r, f"wamid.{r.id}") for r in rest]]
+    assert await settle(store, *ops) == [1, 1, 1]
+    # the number's cfg is read once; no message is read, each is written once
+    assert await calls_of(store, "hmget") == 1
+    assert await calls_of(store, "hset") == 3
+    shard = keys.shard_of(PN, store.shards)
+    assert await store.redis.get(keys.wamid(shard, "wamid.Q1")) == message_id.encode()
+    assert await store.redis.ttl(keys.wamid(shard, "wamid.Q1")) > 3000
+    assert await store.redis.zcount(keys.lease(shard), "-inf", "(inf") == 0
+    view = await Messages(store).get(message_id)
+    assert (view["status"], view["upstream_message_id"]) == ("sent", "wamid.Q1")
+    assert 0 < await store.redis.ttl(keys.msg(shard, message_id)) <= 3600
+    pair = await store.redis.get(await pair_key(store, message_id))
+    assert pair.decode().startswith(" ") and pair.decode().endswith(" 0")  # idle: no holder
+    assert ((await number(store))["inflight"], (await number(store))["sent_last_minute"]) == (0, 3)
+    assert [await status(store, m) for m in others] == ["sent", "sent"]
+
+
+async def test_a_quick_settle_emits_the_sent_event_of_a_message_with_a_callback(
+    store: Store, settings: Settings
+) -> None:
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [message_id] = await queue(store, settings, ANA)
+    shard = keys.shard_of(PN, store.shards)
+    # (as the accept writes it for a message with a callback URL)
+    await store.redis.hset(keys.msg(shard, message_id), "cb", "http://127.0.0.1:9/cb")
+    [item] = (await take(store)).items
+    assert await settle(store, sent(item, "wamid.CB")) == [1]
+    event = await store.redis.hgetall(keys.cbevent(shard, f"{message_id}.1"))
+    assert (event[b"s"], event[b"w"]) == (b"sent", b"wamid.CB")
+    assert await store.redis.zscore(keys.outbox(shard), f"{message_id}.1") is not None
+
+
+async def test_a_later_attempt_is_settled_by_reading_it_and_clears_its_error(
+    store: Store, settings: Settings
+) -> None:
+    """A later attempt may carry an earlier one's error: its take gives no context, and its
+    settle reads the message and clears the error."""
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [message_id] = await queue(store, settings, ANA)
+    [first] = (await take(store)).items
+    assert await settle(store, ("R", first.id, first.fence, "1", '{"code": 2}')) == [1]
+    await asyncio.sleep(0.05)
+    [second] = (await take(store)).items
+    assert (second.attempts, second.context) == (2, "")
+    assert await settle(store, sent(second, "wamid.R2")) == [1]
+    view = await Messages(store).get(message_id)
+    assert (view["status"], view["error"], view["attempts"]) == ("sent", None, 2)
+
+
+async def test_a_lease_written_by_the_version_before_is_taken_back_and_settled(
+    store: Store, settings: Settings
+) -> None:
+    """A lease of the version before is the message id alone: a settle still finds the attempt
+    current (by reading the message) and removes it, and a lapsed one is taken back."""
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [one, two] = await queue(store, settings, ANA, BEA)
+    shard = keys.shard_of(PN, store.shards)
+    lease = keys.lease(shard)
+    first, second = (await take(store)).items
+    for item, deadline in ((first, 10**13), (second, 1)):
+        await store.redis.zrem(lease, f"{item.id}#{item.fence}")
+        await store.redis.zadd(lease, {item.id: deadline})
+    assert await settle(store, sent(first, "wamid.OLD")) == [1]
+    assert await store.redis.zscore(lease, one) is None
+    # the other lapsed long ago: the next take hands it out again, with a new fence
+    [again] = (await take(store)).items
+    assert again.id == two and int(again.fence) > int(second.fence)
+    assert await settle(store, sent(second, "wamid.LATE")) == [0]
+    assert await settle(store, sent(again, "wamid.NEW")) == [1]
+    assert [await status(store, m) for m in (one, two)] == ["sent", "sent"]

@@ -14,7 +14,7 @@ import pytest
 
 from gateway import keys
 from gateway.accept.service import Acceptor
-from gateway.drain.take import PACE_MS, TakeReply, parse_take, take_args
+from gateway.drain.take import PACE_MS, Taken, TakeReply, parse_take, take_args
 from gateway.messages import Messages
 from gateway.registry import Registry
 from gateway.settings import Settings
@@ -49,6 +49,12 @@ async def settle(store: Store, *ops: tuple[str, ...]) -> list[int]:
         args += list(op) + [""] * (5 - len(op))
     shard = keys.shard_of(PN, store.shards)
     return [int(code) for code in await store.script("settle", shard, args)]
+
+
+def sent(item: Taken, wamid: str) -> tuple[str, ...]:
+    """The op a worker settles a sent item with: with its take's context, which spares the
+    settle a read of the message."""
+    return ("S", item.id, item.fence, wamid, item.context)
 
 
 async def queue(store: Store, settings: Settings, count: int = 1, **fields: Any) -> list[str]:
@@ -118,7 +124,7 @@ async def test_settle_records_sent_with_the_upstream_id(store: Store, settings: 
     await Registry(store).put(PN, {"throughput_tier": "unlimited"})
     [message_id] = await queue(store, settings)
     [item] = (await take(store, settings)).items
-    assert await settle(store, ("S", item.id, item.fence, "wamid.ABC")) == [1]
+    assert await settle(store, sent(item, "wamid.ABC")) == [1]
     seen = await status(store, message_id)
     assert seen["status"] == "sent"
     assert seen["upstream_message_id"] == "wamid.ABC"
@@ -140,8 +146,11 @@ async def test_a_lapsed_lease_comes_back_and_fences_out_the_late_worker(
     assert second.id == message_id
     assert second.fence != first.fence
     # the first worker answers late: ignored; the new attempt's answer counts
+    assert await settle(store, sent(first, "wamid.LATE")) == [0]
     assert await settle(store, ("S", first.id, first.fence, "wamid.LATE")) == [0]
-    assert await settle(store, ("S", second.id, second.fence, "wamid.NEW")) == [1]
+    assert await settle(store, sent(second, "wamid.NEW")) == [1]
+    # and only once
+    assert await settle(store, sent(second, "wamid.AGAIN")) == [0]
     assert (await status(store, message_id))["upstream_message_id"] == "wamid.NEW"
 
 
@@ -153,7 +162,7 @@ async def test_the_lease_sets_sentinel_is_never_a_lease(store: Store, settings: 
     await queue(store, settings, 3)
     items = (await take(store, settings)).items
     assert await store.redis.object("encoding", keys.lease(shard)) in (b"skiplist", "skiplist")
-    await settle(store, *[("S", i.id, i.fence, "w") for i in items])
+    await settle(store, *[sent(i, "w") for i in items])
     # nothing in flight, nothing queued: the shard has nothing due (not a lease due at +inf)
     after = await take(store, settings)
     assert after.items == []

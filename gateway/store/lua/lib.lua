@@ -6,9 +6,9 @@
 -- ms, fa failed ms; status callbacks: cb callback URL (set at accept: the message's own or
 -- GATEWAY_CALLBACK_URL; none: no callbacks), ev events emitted so far, eh the event now on the
 -- outbox (absent: none pending); scheduled sends: sd send_at ms, sk its member of `sched:<pn>`;
--- recipients: t the recipient, nb not before (waiting for its pair allowance), pv its pair as the
--- take that made it the pair's holder wrote it when nothing was parked behind ('' otherwise),
--- pt that pair's tat.
+-- recipients: t the recipient, nb not before (waiting for its pair allowance). (pv and pt, the
+-- pair as a take wrote it, were fields of the version before: a take's item context carries
+-- them now, take.lua.)
 
 -- Where the message id starts in a member of `sched:<pn>` (after "<15-digit sequence>:").
 local SCHED_ID_AT = 17
@@ -22,11 +22,21 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- A time (ms) as a score of the `ready` and `lease` sets: a whole ms, rounded up (never early).
--- A small sorted set keeps its scores as text: an integer one is read back as an integer, one
--- with decimals is parsed as a float for every entry an insert or a range read passes (that
--- made a lease cost more than the message's own writes).
-local function score_ms(x)
+-- A number given to redis.call is formatted with sprintf (as by tostring), which costs more than
+-- the write it is for: a per-message write uses text made once per call (a time) or from this
+-- table (a count: fence, attempts).
+local COUNT_TEXT = {}
+for n = 0, 64 do COUNT_TEXT[n] = string.format('%d', n) end
+local function count_text(n)
+  return COUNT_TEXT[n] or string.format('%d', n)
+end
+
+-- A time (ms) as text, a whole ms rounded up (never early): the scores of the `ready` and `lease`
+-- sets, and a pair's tat. A small sorted set keeps its scores as text: an integer one is read
+-- back as an integer, one with decimals is parsed as a float for every entry an insert or a
+-- range read passes (that made a lease cost more than the message's own writes). A whole tat is
+-- also the pair's expiry as it is (PXAT), with no sum made and written as text.
+local function whole_ms(x)
   return string.format('%d', math.ceil(x))
 end
 
@@ -141,7 +151,7 @@ end
 -- Puts a number on the ready set no later than `at` (never later than it already is), and
 -- leaves a wake token when that changed anything.
 local function schedule(pn, at)
-  if redis.call('ZADD', key_ready(), 'LT', 'CH', score_ms(at), pn) > 0 then
+  if redis.call('ZADD', key_ready(), 'LT', 'CH', whole_ms(at), pn) > 0 then
     redis.call('LPUSH', key_wake(), '1')
     redis.call('LTRIM', key_wake(), 0, 0)
   end
@@ -214,10 +224,15 @@ end
 -- it found it and the one read is returned, for the full release to go on from (nil: done).
 local function release_quick(id, pn, user, now, written, t)
   local pk = key_pair(pn, user)
-  local tat = tonumber(t) or 0
   local was
-  if tat > now then
-    was = redis.pcall('SET', pk, ' ' .. t .. ' 0', 'PX', math.ceil(tat - now), 'GET')
+  if t == '' then
+    was = redis.pcall('GETDEL', pk)
+  elseif not string.find(t, '.', 1, true) then
+    -- a whole tat (whole_ms) is the idle pair's expiry; one already past deletes it
+    was = redis.pcall('SET', pk, ' ' .. t .. ' 0', 'PXAT', t, 'GET')
+  elseif tonumber(t) > now then
+    -- (a tat with decimals: written by the version before)
+    was = redis.pcall('SET', pk, ' ' .. t .. ' 0', 'PX', math.ceil(tonumber(t) - now), 'GET')
   else
     was = redis.pcall('GETDEL', pk)
   end
@@ -236,7 +251,7 @@ end
 
 -- Lets go of the pair `id` holds, if it holds it (`user` may be false: a message from before).
 -- `written` and `t`: the pair as this message's take wrote it with nothing parked behind, and
--- its tat (`pv`, `pt`), when known.
+-- its tat (the take's item context), when known.
 local function release_pair(id, pn, user, now, retention, written, t)
   if not user then return end
   local pair

@@ -3,8 +3,11 @@
 --       call may cover several shards).
 -- ARGV: max_backlog, idem_scope, idem_ttl_s,
 --       then groups: key index (into KEYS), pn, count,
---                    count x (id, list, category, payload, reference, ttl_s, idem_key, digest,
---                             callback_url or '', send_at ms or '', recipient)
+--                    count x (id, list, category, payload, recipient, n_extra (0 or 6),
+--                             n_extra x (reference, ttl_s, idem_key, digest, callback_url, send_at
+--                                        ms, each '' when none))
+--       (a message with none of the extras, as most are, passes none: each value passed cost
+--       the script about as much as a write of the message's)
 -- A message with an idem_key is one of an idempotent send: its record `idem:<scope>:<key>`
 -- ('<digest> <id>') is read and written here, in the same step as the push, so a retry finds
 -- the first attempt's message whenever that attempt landed, even after its answer was lost.
@@ -17,6 +20,7 @@
 -- that time so that `take` moves it to its lane then, however idle the number. Scheduled
 -- messages take room in the backlog (they will all be queued), but are not queue depth.
 local now = now_ms()
+local now_text = string.format('%d', now) -- (lib.lua, count_text)
 local max_backlog = tonumber(ARGV[1])
 local scope = ARGV[2]
 local idem_ttl = tonumber(ARGV[3])
@@ -49,41 +53,47 @@ while i <= #ARGV do
   local sendable = false
   local scheduled, first_due, seq = {}, nil, nil
   for j = 0, count - 1 do
-    local b = i + j * 11
+    local id, list, category, payload, recipient = ARGV[i], ARGV[i + 1], ARGV[i + 2],
+                                                   ARGV[i + 3], ARGV[i + 4]
+    local reference, ttl, idem_key, digest, callback, send_at = '', '', '', '', '', ''
+    local extra = tonumber(ARGV[i + 5])
+    if extra > 0 then
+      reference, ttl, idem_key, digest, callback, send_at = unpack(ARGV, i + 6, i + 11)
+    end
+    i = i + 6 + extra
     local idem, prev = nil, nil
-    if ARGV[b + 6] ~= '' then
-      idem = key_idem(scope, ARGV[b + 6])
+    if idem_key ~= '' then
+      idem = key_idem(scope, idem_key)
       prev = redis.call('GET', idem)
     end
     if prev then
       local sep = string.find(prev, ' ', 1, true)
       seen[#seen + 1] = j
-      if string.sub(prev, 1, sep - 1) == ARGV[b + 7] then
+      if string.sub(prev, 1, sep - 1) == digest then
         seen[#seen + 1] = 'replay'; seen[#seen + 1] = string.sub(prev, sep + 1)
       else
         seen[#seen + 1] = 'conflict'; seen[#seen + 1] = ''
       end
     elseif code == 'ok' and accepted < room then
       accepted = accepted + 1
-      local id, list = ARGV[b], ARGV[b + 1]
-      local fields = {'pn', pn, 's', 'queued', 'c', ARGV[b + 2], 'l', string.sub(list, 1, 1),
-                      'p', ARGV[b + 3], 'ca', now, 't', ARGV[b + 10]}
-      if ARGV[b + 4] ~= '' then fields[#fields + 1] = 'r'; fields[#fields + 1] = ARGV[b + 4] end
-      if ARGV[b + 8] ~= '' then fields[#fields + 1] = 'cb'; fields[#fields + 1] = ARGV[b + 8] end
+      local fields = {'s', 'queued', 't', recipient, 'ca', now_text,
+                      'pn', pn, 'c', category, 'l', string.sub(list, 1, 1), 'p', payload}
+      if reference ~= '' then fields[#fields + 1] = 'r'; fields[#fields + 1] = reference end
+      if callback ~= '' then fields[#fields + 1] = 'cb'; fields[#fields + 1] = callback end
       -- ttl_seconds counts from send_at
       local start = now
-      local due = tonumber(ARGV[b + 9])
+      local due = tonumber(send_at)
       if due then
         fields[#fields + 1] = 'sd'; fields[#fields + 1] = due
         if due > start then start = due end
       end
-      if ARGV[b + 5] ~= '' then
-        fields[#fields + 1] = 'x'; fields[#fields + 1] = start + tonumber(ARGV[b + 5]) * 1000
+      if ttl ~= '' then
+        fields[#fields + 1] = 'x'; fields[#fields + 1] = start + tonumber(ttl) * 1000
       end
       if due and due > now then
         if not seq then seq = redis.call('HINCRBY', key_cfg(pn), 'sq', count) - count end
         local member = string.format('%015.0f', seq + j) .. ':' .. id
-        fields[4] = 'scheduled' -- after 's'
+        fields[2] = 'scheduled' -- after 's'
         fields[#fields + 1] = 'sk'; fields[#fields + 1] = member
         scheduled[#scheduled + 1] = due
         scheduled[#scheduled + 1] = member
@@ -96,7 +106,7 @@ while i <= #ARGV do
         ids[#ids + 1] = id
         if string.len(list) == 1 or number[3] ~= 'red' then sendable = true end
       end
-      if idem then redis.call('SET', idem, ARGV[b + 7] .. ' ' .. id, 'EX', idem_ttl) end
+      if idem then redis.call('SET', idem, digest .. ' ' .. id, 'EX', idem_ttl) end
     end
   end
   for list, ids in pairs(by_list) do
@@ -114,6 +124,5 @@ while i <= #ARGV do
   out[#out + 1] = code; out[#out + 1] = accepted; out[#out + 1] = number[2] or ''
   out[#out + 1] = #seen / 3
   for _, value in ipairs(seen) do out[#out + 1] = value end
-  i = i + count * 11
 end
 return out

@@ -4,7 +4,7 @@
 -- KEYS: the prefixes of the shards the ops belong to.
 -- ARGV: retention_s, then groups: key index (into KEYS), n_ops, then 5 per op: kind, id, fence,
 --       a, b
---   S sent      a = upstream message id
+--   S sent      a = upstream message id, b = the item's context from its take ('' none)
 --   R retry     a = delay ms, b = last error JSON
 --   Q requeue   a = pause: '' none, 'throttle' (1 s, doubling while it repeats, cap 60 s) or ms;
 --               b = grant stamp to give back to the rate window ('' none)
@@ -13,6 +13,10 @@
 -- Q and H put the message back at the head of its lane with its attempt not spent.
 -- An op whose fence is not the message's current one is stale (the lease ran out and another
 -- attempt owns the message) and changes nothing.
+-- An `S` op with its take's context is recorded without reading the message (`sent_quick`):
+-- its lease "<id>#<fence>" still in the lease set is the proof that its attempt is the current
+-- one and still sending (take.lua); the group's are looked up in one call. Any other op reads
+-- the message and checks its status and fence.
 -- An op that would put a message back (R, Q, H) while its number is deleted fails it with
 -- phone_number_deleted instead: nothing drains a deleted number's queue.
 -- A message that ends (sent, failed, expired) lets go of its (number, recipient) pair
@@ -27,6 +31,8 @@
 -- what a write per message gave, at a few calls per number instead of five per message.
 local now = now_ms()
 local retention = tonumber(ARGV[1])
+-- (as text for the writes of every message: lib.lua, count_text)
+local now_text, retention_text = string.format('%d', now), ARGV[1]
 local results = {}
 
 -- This group's numbers (pn -> what is known of its cfg and what is owed to it), the message
@@ -115,19 +121,65 @@ local function pause(pn, how, number)
   end
 end
 
+-- Records a message sent (its lease already counted as ended). `had_error`: it has an earlier
+-- attempt's error to clear; `callback`: it has a callback URL (only such a message has events:
+-- emit_event's own reads are spared for every other one); `release`: its pair's release, as
+-- `release_pair` takes it (nil: it holds none).
+local function record_sent(id, k, pn, number, wamid, had_error, callback, release)
+  redis.call('HSET', k, 's', 'sent', 'sa', now_text, 'ua', now_text, 'w', wamid)
+  if had_error then redis.call('HDEL', k, 'e') end
+  redis.call('EXPIRE', k, retention_text)
+  if number.tb then
+    redis.call('HDEL', key_cfg(pn), 'tb')
+    number.tb = false
+  end
+  number.sent = number.sent + 1
+  if callback then emit_event(id, 'sent', now, retention) end
+  if wamid ~= '' then
+    -- Meta's statuses find the message by its wamid; any that came before it are applied
+    -- at the end of the group (`flush_group`)
+    redis.call('SET', key_wamid(wamid), id, 'EX', retention_text)
+    wamids[#wamids + 1] = wamid
+    wamids[#wamids + 1] = id
+  end
+  if release then
+    release_pair(id, pn, release.user, now, retention, release.written, release.t)
+  end
+end
+
+-- An `S` op whose lease stands, from its take's context (take.lua): no read of the message.
+local function sent_quick(id, lease, wamid, context)
+  -- "<pn> <release><callback> <user> <tat>", split with plain finds (a pattern cost twice as much)
+  local find, sub = string.find, string.sub
+  local at = find(context, ' ', 1, true)
+  local pn, release = sub(context, 1, at - 1), sub(context, at + 1, at + 1)
+  local callback = sub(context, at + 2, at + 2) == 'c'
+  local number = number_of(pn)
+  lease_ended[#lease_ended + 1] = lease
+  number.done = number.done + 1
+  local pair = nil
+  if release ~= 'n' then
+    local last = find(context, ' ', at + 4, true)
+    local user, t = sub(context, at + 4, last - 1), sub(context, last + 1)
+    pair = {user = user}
+    if release == 'q' then pair.written, pair.t = id .. ' ' .. t .. ' 0', t end
+  end
+  record_sent(id, key_msg(id), pn, number, wamid, false, callback, pair)
+  results[#results + 1] = 1
+end
+
 local function settle_one(kind, id, fence, a, b)
   local k = key_msg(id)
-  local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a', 'cb', 't', 'e', 'pv', 'pt')
-  -- m[8], the callback URL: only a message with one has events (emit_event's own reads are
-  -- then spared for every other message); m[10], an earlier attempt's error, cleared when sent;
-  -- m[11] and m[12], its pair as its take wrote it (a release in one call: lib.lua,
-  -- release_quick)
+  local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a', 'cb', 't', 'e')
+  -- m[8], the callback URL (see record_sent); m[10], an earlier attempt's error
   if m[1] ~= 'sending' or m[2] ~= fence then
     results[#results + 1] = 0
   else
     local pn = m[3]
     local cfg = key_cfg(pn)
     local number = number_of(pn)
+    -- its lease, as the take of either version wrote it
+    lease_ended[#lease_ended + 1] = id .. '#' .. fence
     lease_ended[#lease_ended + 1] = id
     number.done = number.done + 1
     local code = 1
@@ -135,38 +187,22 @@ local function settle_one(kind, id, fence, a, b)
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', DELETED_ERROR)
       redis.call('EXPIRE', k, retention)
       if m[8] then emit_event(id, 'failed', now, retention) end
-      release_pair(id, pn, m[9], now, retention, m[11], m[12])
+      release_pair(id, pn, m[9], now, retention)
       code = 3
     elseif kind == 'S' then
-      redis.call('HSET', k, 's', 'sent', 'sa', now, 'ua', now, 'w', a)
-      if m[10] then redis.call('HDEL', k, 'e') end
-      redis.call('EXPIRE', k, retention)
-      if number.tb then
-        redis.call('HDEL', cfg, 'tb')
-        number.tb = false
-      end
-      number.sent = number.sent + 1
-      if m[8] then emit_event(id, 'sent', now, retention) end
-      if a ~= '' then
-        -- Meta's statuses find the message by its wamid; any that came before it are applied
-        -- at the end of the group (`flush_group`)
-        redis.call('SET', key_wamid(a), id, 'EX', retention)
-        wamids[#wamids + 1] = a
-        wamids[#wamids + 1] = id
-      end
-      release_pair(id, pn, m[9], now, retention, m[11], m[12])
+      record_sent(id, k, pn, number, a, m[10], m[8], {user = m[9]})
     elseif kind == 'F' then
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', a)
       redis.call('EXPIRE', k, retention)
       if m[8] then emit_event(id, 'failed', now, retention) end
-      release_pair(id, pn, m[9], now, retention, m[11], m[12])
+      release_pair(id, pn, m[9], now, retention)
     elseif kind == 'R' then
       local due = now + tonumber(a)
       if m[6] and tonumber(m[6]) <= due then
         redis.call('HSET', k, 's', 'expired', 'ua', now, 'e', b)
         redis.call('EXPIRE', k, retention)
         if m[8] then emit_event(id, 'expired', now, retention) end
-        release_pair(id, pn, m[9], now, retention, m[11], m[12])
+        release_pair(id, pn, m[9], now, retention)
         code = 2
       else
         redis.call('HSET', k, 's', 'queued', 'ua', now, 'e', b)
@@ -198,14 +234,42 @@ local function settle_one(kind, id, fence, a, b)
   end
 end
 
+-- Of the group's `S` ops with a context (its n ops from ARGV[first]), those whose lease is still
+-- in the lease set, in one read: the op's first ARGV index -> its lease.
+local function leases_standing(first, n)
+  local asked, at = {}, {}
+  for i = first, first + (n - 1) * 5, 5 do
+    if ARGV[i] == 'S' and ARGV[i + 4] ~= '' then
+      asked[#asked + 1] = ARGV[i + 1] .. '#' .. ARGV[i + 2]
+      at[#at + 1] = i
+    end
+  end
+  local standing = {}
+  for i = 1, #asked, 500 do
+    local scores = redis.call('ZMSCORE', key_lease(), unpack(asked, i, math.min(i + 499, #asked)))
+    for j, score in ipairs(scores) do
+      if score then standing[at[i + j - 1]] = asked[i + j - 1] end
+    end
+  end
+  return standing
+end
+
 local g = 2
 while g <= #ARGV do
   -- the prelude's key functions all read P: point it at this group's shard
   P = KEYS[tonumber(ARGV[g])]
   numbers, lease_ended, wamids = {}, {}, {}
   local n = tonumber(ARGV[g + 1])
+  local standing = leases_standing(g + 2, n)
+  local ended = {} -- (the same attempt twice in a group: the second is stale, as it was)
   for i = g + 2, g + 1 + n * 5, 5 do
-    settle_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+    local lease = standing[i]
+    if lease and not ended[lease] then
+      ended[lease] = true
+      sent_quick(ARGV[i + 1], lease, ARGV[i + 3], ARGV[i + 4])
+    else
+      settle_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+    end
   end
   flush_group()
   g = g + 2 + n * 5

@@ -17,7 +17,16 @@
 --          per shard (in KEYS order): next_due_ms (-1: nothing scheduled),
 --          per group: pn, limit (0 = unlimited), tier, access_token ('' = none), n_items,
 --          per item: id, fence, attempts, payload, created_ms, expires_ms ('' = none),
---                    stamp (ms, three decimals)}.
+--                    stamp (ms, three decimals; an unlimited number's: µs, an integer),
+--                    context ('' = none: see below)}.
+--
+-- A lease is the member "<id>#<fence>" of the shard's lease set: it stands for one attempt, so
+-- that a settle can tell the current attempt from a stale one without reading the message. The
+-- item's context is what a settle of a first attempt that was sent needs to record it without
+-- reading the message back (settle.lua, `sent_quick`): "<pn> <release><callback> <user> <tat>",
+-- release `q` (the attempt holds its pair as this take wrote it, nothing parked behind: one call
+-- frees it), `f` (a full release) or `n` (no pair), callback `c` (the message has a callback
+-- URL) or `-`, user and tat as the pair knows them ('' none).
 --
 -- Every message handed out gets a send time, its stamp. The worker can start one message per
 -- slot (start + k * spacing for the k-th of the take, counting across numbers) and starts each
@@ -55,6 +64,7 @@ local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = now_us / 1000
 local now_i = math.floor(now)
+local now_i_text = string.format('%d', now_i) -- (lib.lua, count_text)
 local budget = tonumber(ARGV[1])
 local max_numbers = tonumber(ARGV[2])
 local lease_ms = tonumber(ARGV[3])
@@ -107,8 +117,10 @@ local function take_back_lapsed(lease)
   if not first[2] then return false end
   if tonumber(first[2]) > now then return tonumber(first[2]) end
   local lapsed = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, 256)
-  for _, id in ipairs(lapsed) do
-    redis.call('ZREM', lease, id)
+  for _, member in ipairs(lapsed) do
+    redis.call('ZREM', lease, member)
+    -- "<id>#<fence>" (a lease of the version before is the id alone)
+    local id = string.match(member, '^[^#]+')
     local k = key_msg(id)
     local m = redis.call('HMGET', k, 's', 'pn', 'l', 'c', 'f', 't')
     if m[1] == 'sending' then
@@ -257,7 +269,7 @@ local n_groups = 0
 local handed = 0 -- messages handed out so far in this take: the next one's stamp index
 -- Every lease of this take runs out at the same time; a shard's are added in one ZADD (score,
 -- id, ...) at the end of its turn (nothing in the take reads them before).
-local lease_at = score_ms(now + lease_ms)
+local lease_at = whole_ms(now + lease_ms)
 -- A member of every lease set, scored +inf (so no read of the leases meets it), longer than a
 -- small sorted set's longest member (`zset-max-listpack-value`, 64 by default): it keeps the set
 -- a skiplist, where an insert or a removal is a lookup. As a flat list (up to 128 members) each
@@ -280,7 +292,7 @@ local function take_due(ready, lease)
     if c[1] ~= 'active' then
       redis.call('ZREM', ready, pn)
     elseif nx > first then
-      redis.call('ZADD', ready, score_ms(nx), pn)
+      redis.call('ZADD', ready, whole_ms(nx), pn)
     else
       local hold_marketing = c[2] == 'red'
       -- The first retry and scheduled send, read before the range reads: usually there are none
@@ -354,10 +366,11 @@ local function take_due(ready, lease)
         local id, list = lanes_pop(lanes, want - granted)
         if not id then break end
         local k = key_msg(id)
-        local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca', 't', 'nb')
+        local m = redis.call('HMGET', k, 's', 'x', 'f', 'a', 'p', 'ca', 't', 'nb', 'cb')
         local waits = false
-        -- the pair as written when this take made the message its holder, and its tat
-        local holds, holds_t = nil, nil
+        -- when this take made the message its pair's holder: how its settle lets go of it
+        -- (`q` or `f`, as in its context) and the pair's tat
+        local release, tat_text = nil, ''
         if m[1] == 'queued' and not (m[2] and tonumber(m[2]) <= now) and in_order and m[7] then
           -- its recipient: busy with another message, or over its pair allowance at its stamp?
           -- (the stamp it would get)
@@ -365,12 +378,12 @@ local function take_due(ready, lease)
           if limit > 0 then at = stamps[granted + 1] end
           -- Most recipients have no state (their first message in a while): one SET claims
           -- the pair for this message if it has none, else answers what it holds.
-          local claim_t = pair_interval > 0 and ms(at + pair_interval) or ''
+          local claim_t = pair_interval > 0 and whole_ms(at + pair_interval) or ''
           local claim = id .. ' ' .. claim_t .. ' 0'
           local held = redis.pcall('SET', key_pair(pn, m[7]), claim, 'NX', 'GET')
-          local pair = pair_of(pn, m[7], held)
+          local pair = held and pair_of(pn, m[7], held)
           if not held then
-            holds, holds_t = claim, claim_t
+            release, tat_text = 'q', claim_t
             if m[8] then redis.call('HDEL', k, 'nb') end
           elseif pair.h ~= '' and pair.h ~= id then
             redis.call('RPUSH', key_parked(pn, m[7]), id)
@@ -382,7 +395,8 @@ local function take_due(ready, lease)
           elseif pair_interval <= 0 then
             -- order only: it holds its recipient until it ends
             pair.h = id
-            holds, holds_t = pair_hold(pn, m[7], pair), pair.t
+            pair_hold(pn, m[7], pair)
+            release, tat_text = pair.k == 0 and 'q' or 'f', pair.t
           else
             local tat = math.max(tonumber(pair.t) or 0, at)
             pair.h = id
@@ -394,8 +408,9 @@ local function take_due(ready, lease)
               redis.call('HSET', k, 'nb', not_before, 'ua', now_i)
               waits = true
             else
-              pair.t = ms(tat + pair_interval)
-              holds, holds_t = pair_hold(pn, m[7], pair), pair.t
+              pair.t = whole_ms(tat + pair_interval)
+              pair_hold(pn, m[7], pair)
+              release, tat_text = pair.k == 0 and 'q' or 'f', pair.t
               if m[8] then redis.call('HDEL', k, 'nb') end
             end
           end
@@ -414,17 +429,10 @@ local function take_due(ready, lease)
           else
             local fence = tonumber(m[3] or '0') + 1
             local attempts = tonumber(m[4] or '0') + 1
-            if holds then
-              -- `pv` and `pt`: what its settle lets go of in one call, when nothing was parked
-              -- behind it ('': the full release; lib.lua, release_quick)
-              if string.sub(holds, -2) ~= ' 0' then holds = '' end
-              redis.call('HSET', k, 's', 'sending', 'f', fence, 'a', attempts, 'ua', now_i,
-                         'pv', holds, 'pt', holds_t)
-            else
-              redis.call('HSET', k, 's', 'sending', 'f', fence, 'a', attempts, 'ua', now_i)
-            end
+            redis.call('HSET', k, 's', 'sending', 'f', count_text(fence), 'a',
+                       count_text(attempts), 'ua', now_i_text)
             leased[#leased + 1] = lease_at
-            leased[#leased + 1] = id
+            leased[#leased + 1] = id .. '#' .. fence
             items[#items + 1] = id
             items[#items + 1] = fence
             items[#items + 1] = attempts
@@ -436,7 +444,19 @@ local function take_due(ready, lease)
               written[granted] = stamp_text(stamps[granted])
               items[#items + 1] = written[granted]
             else
-              items[#items + 1] = ms((first_us + (granted - 1) * spacing_us) / 1000)
+              -- (in µs, a number: the reply's integer, with no text made here)
+              items[#items + 1] = first_us + (granted - 1) * spacing_us
+            end
+            -- its context (see the top): none for a later attempt, which may have an earlier
+            -- attempt's error to clear; `f` for one that holds no pair this take knows of
+            -- (taken without the recipient rules, it may still hold one from before)
+            if attempts == 1 and m[7] then
+              items[#items + 1] = pn .. ' ' .. (release or 'f') .. (m[9] and 'c' or '-') .. ' '
+                                  .. m[7] .. ' ' .. tat_text
+            elseif attempts == 1 then
+              items[#items + 1] = pn .. (m[9] and ' nc  ' or ' n-  ')
+            else
+              items[#items + 1] = ''
             end
           end
         elseif m[1] then
@@ -513,7 +533,7 @@ local function take_due(ready, lease)
         if sched_next and (not next_at or sched_next < next_at) then next_at = sched_next end
       end
       if next_at then
-        redis.call('ZADD', ready, score_ms(next_at), pn)
+        redis.call('ZADD', ready, whole_ms(next_at), pn)
       else
         redis.call('ZREM', ready, pn)
       end
