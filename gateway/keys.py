@@ -26,7 +26,9 @@ Per shard (`{gw:sN}:` + ...):
     pk:<pn>:<user>  LIST  message ids parked behind the pair's holder, in lane order.
     idem:<scope>:<key>  STRING  first response of an idempotent send (24 h).
     ready           ZSET  pn -> time (whole ms, rounded up) from which the number may send next.
-    lease           ZSET  message id -> lease deadline (whole ms) of messages handed to a worker.
+    lease           ZSET  "<message id>#<fence>" -> lease deadline (whole ms) of messages handed
+                          to a worker: one member per attempt (take.lua), and one member scored
+                          +inf that keeps the set a skiplist.
     wake            LIST  at most one token: "something in this shard became ready".
     owner           STRING  id of the worker process draining this shard (short lease).
     successor       STRING  id of a worker that asked for this shard: its owner hands it over
