@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 
-from gateway import keys
+from gateway import keys, metrics
 from gateway.drain.classify import Answer, Outcome
 from gateway.drain.upstream import CloudApi, TimedBody
 from gateway.sandbox import mask_token
@@ -411,6 +411,7 @@ async def test_a_stopping_worker_sends_what_it_has_stamped_rather_than_putting_i
     batch = [text_message(PN) for _ in range(1000)]
     response = await client.post("/v1/messages/batch", json={"messages": batch}, headers=SEND)
     ids = [item["id"] for item in (await response.json())["results"]]
+    returned_before = _grants_returned()
     async with running_drain(drain_settings(settings, sandbox), store) as drain:
         await client.patch(f"/v1/phone-numbers/{PN}", json={"status": "active"}, headers=ADMIN)
 
@@ -421,13 +422,27 @@ async def test_a_stopping_worker_sends_what_it_has_stamped_rather_than_putting_i
     shard = keys.shard_of(PN, store.shards)
     fields = [await store.redis.hmget(keys.msg(shard, m), "s", "f") for m in ids]
     sent = [m for m, (state, _) in zip(ids, fields, strict=True) if state == b"sent"]
-    # taken (fenced) and back in the queue: put back
+    # taken (fenced) and back in the queue: put back, by the stop or, before it, as a send
+    # that could not start in time (a busy machine: counted, and not what this is about)
     put_back = [
         m for m, (state, fence) in zip(ids, fields, strict=True) if state == b"queued" and fence
     ]
+    late = _grants_returned() - returned_before
     assert sent
-    assert not put_back, f"{len(put_back)} messages put back at the stop"
+    assert len(put_back) <= late, f"{len(put_back) - late:.0f} messages put back at the stop"
     assert len(await sandbox.arrivals(PN)) == len(sent)
+
+
+def _grants_returned() -> float:
+    """Sends given back by this process as too late to start (all tiers and stages)."""
+    metrics.flush_local()
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "gateway_grants_returned"
+        for sample in family.samples
+        if sample.name == "gateway_grants_returned_total"
+    )
 
 
 async def _depth_is_zero(client: TestClient[Any, Any], pn: str) -> bool:

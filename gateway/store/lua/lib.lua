@@ -23,12 +23,17 @@ local function now_ms()
 end
 
 -- A number given to redis.call is formatted with sprintf (as by tostring), which costs more than
--- the write it is for: a per-message write uses text made once per call (a time) or from this
--- table (a count: fence, attempts).
+-- the write it is for: a per-message write uses text made once per call (a time), or a count's
+-- text made once per value and call (fence, attempts: mostly 1). (Made as they are asked for:
+-- this file runs at every call of every script.)
 local COUNT_TEXT = {}
-for n = 0, 64 do COUNT_TEXT[n] = string.format('%d', n) end
 local function count_text(n)
-  return COUNT_TEXT[n] or string.format('%d', n)
+  local text = COUNT_TEXT[n]
+  if not text then
+    text = string.format('%d', n)
+    COUNT_TEXT[n] = text
+  end
+  return text
 end
 
 -- A time (ms) as text, a whole ms rounded up (never early): the scores of the `ready` and `lease`
