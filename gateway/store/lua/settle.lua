@@ -123,9 +123,9 @@ end
 
 -- Records a message sent (its lease already counted as ended). `had_error`: it has an earlier
 -- attempt's error to clear; `callback`: it has a callback URL (only such a message has events:
--- emit_event's own reads are spared for every other one); `release`: its pair's release, as
--- `release_pair` takes it (nil: it holds none).
-local function record_sent(id, k, pn, number, wamid, had_error, callback, release)
+-- emit_event's own reads are spared for every other one); `user`, `written`, `t`: its pair's
+-- release, as `release_pair` takes them (user nil: it holds none).
+local function record_sent(id, k, pn, number, wamid, had_error, callback, user, written, t)
   redis.call('HSET', k, 's', 'sent', 'sa', now_text, 'ua', now_text, 'w', wamid)
   if had_error then redis.call('HDEL', k, 'e') end
   redis.call('EXPIRE', k, retention_text)
@@ -142,9 +142,7 @@ local function record_sent(id, k, pn, number, wamid, had_error, callback, releas
     wamids[#wamids + 1] = wamid
     wamids[#wamids + 1] = id
   end
-  if release then
-    release_pair(id, pn, release.user, now, retention, release.written, release.t)
-  end
+  if user then release_pair(id, pn, user, now, retention, written, t) end
 end
 
 -- An `S` op whose lease stands, from its take's context (take.lua): no read of the message.
@@ -157,14 +155,16 @@ local function sent_quick(id, lease, wamid, context)
   local number = number_of(pn)
   lease_ended[#lease_ended + 1] = lease
   number.done = number.done + 1
-  local pair = nil
+  local user, written, t = nil, nil, nil
   if release ~= 'n' then
     local last = find(context, ' ', at + 4, true)
-    local user, t = sub(context, at + 4, last - 1), sub(context, last + 1)
-    pair = {user = user}
-    if release == 'q' then pair.written, pair.t = id .. ' ' .. t .. ' 0', t end
+    user = sub(context, at + 4, last - 1)
+    if release == 'q' then
+      t = sub(context, last + 1)
+      written = id .. ' ' .. t .. ' 0'
+    end
   end
-  record_sent(id, key_msg(id), pn, number, wamid, false, callback, pair)
+  record_sent(id, key_msg(id), pn, number, wamid, false, callback, user, written, t)
   results[#results + 1] = 1
 end
 
@@ -190,7 +190,7 @@ local function settle_one(kind, id, fence, a, b)
       release_pair(id, pn, m[9], now, retention)
       code = 3
     elseif kind == 'S' then
-      record_sent(id, k, pn, number, a, m[10], m[8], {user = m[9]})
+      record_sent(id, k, pn, number, a, m[10], m[8], m[9])
     elseif kind == 'F' then
       redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', a)
       redis.call('EXPIRE', k, retention)
