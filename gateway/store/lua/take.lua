@@ -429,10 +429,12 @@ local function take_due(ready, lease)
           else
             local fence = tonumber(m[3] or '0') + 1
             local attempts = tonumber(m[4] or '0') + 1
-            redis.call('HSET', k, 's', 'sending', 'f', count_text(fence), 'a',
-                       count_text(attempts), 'ua', now_i_text)
+            local fence_text = count_text(fence)
+            redis.call('HSET', k, 's', 'sending', 'f', fence_text, 'a', count_text(attempts),
+                       'ua', now_i_text)
             leased[#leased + 1] = lease_at
-            leased[#leased + 1] = id .. '#' .. fence
+            -- (a number joined to a string is formatted with sprintf too: its text, made above)
+            leased[#leased + 1] = id .. '#' .. fence_text
             items[#items + 1] = id
             items[#items + 1] = fence
             items[#items + 1] = attempts
