@@ -9,7 +9,7 @@ the same templates as the Python functions below: a name is defined once, here.
 Per shard (`{gw:sN}:` + ...):
     q:<pn>:<list>   LIST  queued message ids. <list> is the lane (h, n, l), with an "m" suffix for
                           marketing messages (hm, nm, lm) so quality red can hold them apart.
-    m:<id>          HASH  one message (fields in `gateway.store.fields`).
+    m:<id>          HASH  one message (its fields: the top of `store/lua/lib.lua`).
     cfg:<pn>        HASH  the phone number: its record and its drain state.
     rl:<pn>         LIST  sliding-window grant times (ms), newest first: the rate's entries and
                           up to a few chunks more (trimmed now and then); its expiry (ms) is
@@ -27,8 +27,9 @@ Per shard (`{gw:sN}:` + ...):
     idem:<scope>:<key>  STRING  first response of an idempotent send (24 h).
     ready           ZSET  pn -> time (whole ms, rounded up) from which the number may send next.
     lease           ZSET  "<message id>#<fence>" -> lease deadline (whole ms) of messages handed
-                          to a worker: one member per attempt (take.lua), and one member scored
-                          +inf that keeps the set a skiplist.
+                          to a worker: one member per attempt (take.lua), all that marks a
+                          message `sending` (lib.lua, attempt_of), and one member scored +inf
+                          that keeps the set a skiplist.
     wake            LIST  at most one token: "something in this shard became ready".
     owner           STRING  id of the worker process draining this shard (short lease).
     successor       STRING  id of a worker that asked for this shard: its owner hands it over

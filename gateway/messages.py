@@ -62,6 +62,8 @@ class Messages:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.retention = int(store.settings.status_retention)
+        # (a message being sent was taken this long before its lease runs out: status.lua)
+        self.lease_ms = int(store.settings.lease_seconds * 1000)
 
     def _shard(self, message_id: str) -> int:
         shard = ids.shard_of_id(message_id)
@@ -71,7 +73,9 @@ class Messages:
 
     async def get(self, message_id: str) -> dict[str, Any]:
         shard = self._shard(message_id)
-        reply = await self.store.script("status", shard, [message_id, self.retention])
+        reply = await self.store.script(
+            "status", shard, [message_id, self.retention, self.lease_ms]
+        )
         if not reply:
             raise not_found("message")
         if reply[0] == b"expired":

@@ -301,24 +301,38 @@ async def test_a_later_attempt_is_settled_by_reading_it_and_clears_its_error(
     assert (view["status"], view["error"], view["attempts"]) == ("sent", None, 2)
 
 
-async def test_a_lease_written_by_the_version_before_is_taken_back_and_settled(
+async def test_a_lease_written_by_the_versions_before_is_taken_back_and_settled(
     store: Store, settings: Settings
 ) -> None:
-    """A lease of the version before is the message id alone: a settle still finds the attempt
-    current (by reading the message) and removes it, and a lapsed one is taken back."""
+    """The versions before wrote a message being sent as `sending`, with the fence and attempts
+    of the attempt under way, and its lease as the message id alone (two versions back) or as
+    "<id>#<fence>" (the last): a settle still finds such an attempt current (by reading the
+    message) and removes its lease, and a lapsed one is taken back, its attempt counted once."""
     await Registry(store).put(PN, {"throughput_tier": "unlimited"})
-    [one, two] = await queue(store, settings, ANA, BEA)
+    [one, two, three] = await queue(store, settings, ANA, BEA, "5491140000003")
     shard = keys.shard_of(PN, store.shards)
     lease = keys.lease(shard)
-    first, second = (await take(store)).items
-    for item, deadline in ((first, 10**13), (second, 1)):
+    first, second, third = (await take(store)).items
+    for item, member, deadline in (
+        (first, first.id, 10**13),
+        (second, second.id, 1),
+        (third, f"{third.id}#{third.fence}", 1),
+    ):
+        # as those versions' take wrote it
         await store.redis.zrem(lease, f"{item.id}#{item.fence}")
-        await store.redis.zadd(lease, {item.id: deadline})
+        await store.redis.zadd(lease, {member: deadline})
+        fields = {"s": "sending", "f": item.fence, "a": item.attempts, "ua": 1}
+        await store.redis.hset(keys.msg(shard, item.id), mapping=fields)
     assert await settle(store, sent(first, "wamid.OLD")) == [1]
     assert await store.redis.zscore(lease, one) is None
-    # the other lapsed long ago: the next take hands it out again, with a new fence
-    [again] = (await take(store)).items
-    assert again.id == two and int(again.fence) > int(second.fence)
-    assert await settle(store, sent(second, "wamid.LATE")) == [0]
-    assert await settle(store, sent(again, "wamid.NEW")) == [1]
-    assert [await status(store, m) for m in (one, two)] == ["sent", "sent"]
+    # the others lapsed long ago: the next take hands them out again, with new fences
+    again = {item.id: item for item in (await take(store)).items}
+    assert set(again) == {two, three}
+    for before in (second, third):
+        now = again[before.id]
+        assert (int(now.fence), now.attempts) == (int(before.fence) + 1, 2)
+        assert await settle(store, sent(before, "wamid.LATE")) == [0]
+        assert await settle(store, sent(now, f"wamid.{now.id}")) == [1]
+    views = [await Messages(store).get(m) for m in (one, two, three)]
+    assert [(v["status"], v["attempts"]) for v in views] == [("sent", 1), ("sent", 2), ("sent", 2)]
+    assert await store.redis.zcount(lease, "-inf", "(inf") == 0

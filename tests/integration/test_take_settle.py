@@ -15,6 +15,7 @@ import pytest
 from gateway import keys
 from gateway.accept.service import Acceptor
 from gateway.drain.take import PACE_MS, Taken, TakeReply, parse_take, take_args
+from gateway.errors import ApiError
 from gateway.messages import Messages
 from gateway.registry import Registry
 from gateway.settings import Settings
@@ -81,6 +82,39 @@ async def test_take_leases_in_lane_order(store: Store, settings: Settings) -> No
     assert [item.id for item in taken.items] == high + normal + low
     assert all(item.attempts == 1 for item in taken.items)
     assert (await status(store, high[0]))["status"] == "sending"
+
+
+async def test_a_message_out_under_its_lease_reads_sending_and_stays_so(
+    store: Store, settings: Settings
+) -> None:
+    """The take writes nothing to a message it hands out (its lease alone marks it out): read,
+    it is `sending`, its attempt counted, updated when it was taken; it cannot be canceled,
+    and its ttl running out meanwhile does not end it while it is out."""
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [message_id] = await queue(store, settings, ttl_seconds=1)
+    shard = keys.shard_of(PN, store.shards)
+    before = await store.redis.hgetall(keys.msg(shard, message_id))
+    await asyncio.sleep(0.05)
+    await store.redis.config_resetstat()
+    [item] = (await take(store, settings)).items
+    stats = await store.redis.info("commandstats")
+    assert "cmdstat_hset" not in stats and "cmdstat_hdel" not in stats
+    assert await store.redis.hgetall(keys.msg(shard, message_id)) == before
+    view = await status(store, message_id)
+    assert (view["status"], view["attempts"]) == ("sending", 1)
+    assert view["updated_at"] > view["created_at"]  # (when it was taken)
+    with pytest.raises(ApiError) as refused:
+        await Messages(store).cancel(message_id)
+    assert (refused.value.status, refused.value.code) == (409, "not_cancelable")
+    assert "sending" in refused.value.message
+    await asyncio.sleep(1.1)  # past its ttl while it is out
+    assert (await status(store, message_id))["status"] == "sending"
+    # put back, it is queued again, its attempt not spent: past its ttl, the read ends it
+    assert await settle(store, ("Q", item.id, item.fence, "", "")) == [1]
+    view = await status(store, message_id)
+    assert (view["status"], view["attempts"]) == ("expired", 0)
+    # a stale op of the attempt put back changes nothing
+    assert await settle(store, sent(item, "wamid.STALE")) == [0]
 
 
 async def test_marketing_is_held_while_quality_is_red(store: Store, settings: Settings) -> None:

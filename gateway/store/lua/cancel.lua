@@ -4,10 +4,12 @@
 -- forbids it (e.g. 'sending', 'sent', 'canceled'; 'expired' when its ttl had just run out).
 local id = ARGV[1]
 local k = key_msg(id)
-local fields = redis.call('HMGET', k, 's', 'x', 'pn', 'l', 'c')
+local fields = redis.call('HMGET', k, 's', 'x', 'pn', 'l', 'c', 'f')
 local status = fields[1]
 if not status then return 'not_found' end
 if status ~= 'queued' and status ~= 'scheduled' then return status end
+-- out under a lease: being sent (lib.lua, attempt_of)
+if status == 'queued' and lease_of(id, fields[6]) then return 'sending' end
 local now = now_ms()
 local list = list_of(fields[4], fields[5])
 if fields[2] and tonumber(fields[2]) <= now then

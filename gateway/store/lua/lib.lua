@@ -1,7 +1,8 @@
 -- Shared helpers, loaded after the key-name prelude and before every script.
 -- Message hash fields: pn number, s status, c category, l lane (h|n|l), p upstream payload,
 -- ca created ms, ua updated ms, r client_reference, x expiry ms, a attempts, f fence
--- (bumped at every hand-over, so a late worker cannot settle a newer attempt), sa sent ms,
+-- (of the last attempt: every attempt has the next, so a late worker cannot settle a newer
+-- one; see `attempt_of` for a message being sent), sa sent ms,
 -- w upstream message id, e error JSON; delivery receipts: da delivered ms, ra read ms, pa played
 -- ms, fa failed ms; status callbacks: cb callback URL (set at accept: the message's own or
 -- GATEWAY_CALLBACK_URL; none: no callbacks), ev events emitted so far, eh the event now on the
@@ -34,6 +35,29 @@ local function count_text(n)
     COUNT_TEXT[n] = text
   end
   return text
+end
+
+-- A message being sent (API.md's `sending`) is written nothing by its take: it keeps `s` queued,
+-- and `f` and `a` of its attempt before, and its lease "<id>#<fence>" in the shard's lease set
+-- (take.lua) is what says it is out, under the next fence. Every step that ends an attempt
+-- without ending the message (a settle putting it back or on the retry set, a lapsed lease
+-- taken back) writes that attempt's fence to `f`, so an op of an attempt is current exactly
+-- while its lease stands. (A take writing `s` sending, `f` and `a` cost a write per message, 5%
+-- of its server instructions; the version before did, and a message it took is read as such.)
+-- The attempts spent counting the attempt `fence` (text) when that attempt is the message's
+-- current one, from its `s`, `f` and `a`; nil when it is not (a stale op).
+local function attempt_of(s, f, a, fence)
+  if s == 'queued' then
+    if tonumber(f or '0') + 1 == tonumber(fence) then return tonumber(a or '0') + 1 end
+  elseif s == 'sending' and f == fence then
+    return tonumber(a or '0') -- (taken by the version before: its take counted it)
+  end
+  return nil
+end
+
+-- The deadline of the lease under which a `queued` message with fence `f` is out, if it is.
+local function lease_of(id, f)
+  return redis.call('ZSCORE', key_lease(), id .. '#' .. count_text(tonumber(f or '0') + 1))
 end
 
 -- A time (ms) as text, a whole ms rounded up (never early): the scores of the `ready` and `lease`

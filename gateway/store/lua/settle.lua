@@ -16,7 +16,9 @@
 -- An `S` op with its take's context is recorded without reading the message (`sent_quick`):
 -- its lease "<id>#<fence>" still in the lease set is the proof that its attempt is the current
 -- one and still sending (take.lua); the group's are looked up in one call. Any other op reads
--- the message and checks its status and fence.
+-- the message and checks its status and fence (lib.lua, attempt_of). An op that ends the
+-- attempt without ending the message (R, Q, H) writes the attempt's fence and attempts: the
+-- take wrote neither.
 -- An op that would put a message back (R, Q, H) while its number is deleted fails it with
 -- phone_number_deleted instead: nothing drains a deleted number's queue.
 -- A message that ends (sent, failed, expired) lets go of its (number, recipient) pair
@@ -33,12 +35,13 @@ local now = now_ms()
 local retention = tonumber(ARGV[1])
 -- (as text for the writes of every message: lib.lua, count_text)
 local now_text, retention_text = string.format('%d', now), ARGV[1]
-local results = {}
+-- (tables appended to with counts of their own: `#t` is a search of the table, per value)
+local results, n_results = {}, 0
 
 -- This group's numbers (pn -> what is known of its cfg and what is owed to it), the message
 -- ids whose lease ended, and the wamids the group's sent messages got (wamid, id, ...); flushed
 -- by `flush_group`.
-local numbers, lease_ended, wamids
+local numbers, lease_ended, n_lease_ended, wamids, n_wamids
 
 -- The number's state in this call: its cfg `status` and `tb` as read once (and kept in step
 -- with this script's own writes to them), ops done (inflight to give back), messages sent.
@@ -78,16 +81,19 @@ local function flush_group()
     if n.sent > 0 then count_sent(pn, n.sent) end
   end
   local lease = key_lease()
-  for i = 1, #lease_ended, 500 do
-    redis.call('ZREM', lease, unpack(lease_ended, i, math.min(i + 499, #lease_ended)))
+  for i = 1, n_lease_ended, 500 do
+    redis.call('ZREM', lease, unpack(lease_ended, i, math.min(i + 499, n_lease_ended)))
   end
   -- Statuses Meta sent before the send's answer came are rare: one EXISTS over the group's
   -- wamids finds whether there are any (a read per message cost a call per message).
-  for i = 1, #wamids, 500 do
-    local held = {}
-    for j = i, math.min(i + 499, #wamids), 2 do held[#held + 1] = key_held(wamids[j]) end
+  for i = 1, n_wamids, 500 do
+    local held, n_held = {}, 0
+    for j = i, math.min(i + 499, n_wamids), 2 do
+      n_held = n_held + 1
+      held[n_held] = key_held(wamids[j])
+    end
     if redis.call('EXISTS', unpack(held)) > 0 then
-      for j = i, math.min(i + 499, #wamids), 2 do
+      for j = i, math.min(i + 499, n_wamids), 2 do
         apply_held(wamids[j + 1], wamids[j], now, retention)
       end
     end
@@ -121,12 +127,14 @@ local function pause(pn, how, number)
   end
 end
 
--- Records a message sent (its lease already counted as ended). `had_error`: it has an earlier
+-- Records a message sent (its lease already counted as ended) after `spent` attempts (text: the
+-- take wrote none, lib.lua `attempt_of`). `had_error`: it has an earlier
 -- attempt's error to clear; `callback`: it has a callback URL (only such a message has events:
 -- emit_event's own reads are spared for every other one); `user`, `written`, `t`: its pair's
 -- release, as `release_pair` takes them (user nil: it holds none).
-local function record_sent(id, k, pn, number, wamid, had_error, callback, user, written, t)
-  redis.call('HSET', k, 's', 'sent', 'sa', now_text, 'ua', now_text, 'w', wamid)
+local function record_sent(id, k, pn, number, wamid, spent, had_error, callback, user, written,
+                           t)
+  redis.call('HSET', k, 's', 'sent', 'sa', now_text, 'ua', now_text, 'w', wamid, 'a', spent)
   if had_error then redis.call('HDEL', k, 'e') end
   redis.call('EXPIRE', k, retention_text)
   if number.tb then
@@ -139,8 +147,9 @@ local function record_sent(id, k, pn, number, wamid, had_error, callback, user, 
     -- Meta's statuses find the message by its wamid; any that came before it are applied
     -- at the end of the group (`flush_group`)
     redis.call('SET', key_wamid(wamid), id, 'EX', retention_text)
-    wamids[#wamids + 1] = wamid
-    wamids[#wamids + 1] = id
+    wamids[n_wamids + 1] = wamid
+    wamids[n_wamids + 2] = id
+    n_wamids = n_wamids + 2
   end
   if user then release_pair(id, pn, user, now, retention, written, t) end
 end
@@ -153,7 +162,8 @@ local function sent_quick(id, lease, wamid, context)
   local pn, release = sub(context, 1, at - 1), sub(context, at + 1, at + 1)
   local callback = sub(context, at + 2, at + 2) == 'c'
   local number = number_of(pn)
-  lease_ended[#lease_ended + 1] = lease
+  n_lease_ended = n_lease_ended + 1
+  lease_ended[n_lease_ended] = lease
   number.done = number.done + 1
   local user, written, t = nil, nil, nil
   if release ~= 'n' then
@@ -164,53 +174,60 @@ local function sent_quick(id, lease, wamid, context)
       written = id .. ' ' .. t .. ' 0'
     end
   end
-  record_sent(id, key_msg(id), pn, number, wamid, false, callback, user, written, t)
-  results[#results + 1] = 1
+  -- (a context is given for a first attempt only)
+  record_sent(id, key_msg(id), pn, number, wamid, '1', false, callback, user, written, t)
+  n_results = n_results + 1
+  results[n_results] = 1
 end
 
 local function settle_one(kind, id, fence, a, b)
   local k = key_msg(id)
   local m = redis.call('HMGET', k, 's', 'f', 'pn', 'l', 'c', 'x', 'a', 'cb', 't', 'e')
   -- m[8], the callback URL (see record_sent); m[10], an earlier attempt's error
-  if m[1] ~= 'sending' or m[2] ~= fence then
-    results[#results + 1] = 0
+  local spent = attempt_of(m[1], m[2], m[7], fence)
+  if not spent then
+    n_results = n_results + 1
+    results[n_results] = 0
   else
     local pn = m[3]
     local cfg = key_cfg(pn)
     local number = number_of(pn)
     -- its lease, as the take of either version wrote it
-    lease_ended[#lease_ended + 1] = id .. '#' .. fence
-    lease_ended[#lease_ended + 1] = id
+    lease_ended[n_lease_ended + 1] = id .. '#' .. fence
+    lease_ended[n_lease_ended + 2] = id
+    n_lease_ended = n_lease_ended + 2
     number.done = number.done + 1
     local code = 1
     if kind ~= 'S' and kind ~= 'F' and number.status == 'deleted' then
-      redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', DELETED_ERROR)
+      redis.call('HSET', k, 's', 'failed', 'ua', now, 'a', spent, 'e', DELETED_ERROR)
       redis.call('EXPIRE', k, retention)
       if m[8] then emit_event(id, 'failed', now, retention) end
       release_pair(id, pn, m[9], now, retention)
       code = 3
     elseif kind == 'S' then
-      record_sent(id, k, pn, number, a, m[10], m[8], m[9])
+      record_sent(id, k, pn, number, a, spent, m[10], m[8], m[9])
     elseif kind == 'F' then
-      redis.call('HSET', k, 's', 'failed', 'ua', now, 'e', a)
+      redis.call('HSET', k, 's', 'failed', 'ua', now, 'a', spent, 'e', a)
       redis.call('EXPIRE', k, retention)
       if m[8] then emit_event(id, 'failed', now, retention) end
       release_pair(id, pn, m[9], now, retention)
     elseif kind == 'R' then
       local due = now + tonumber(a)
       if m[6] and tonumber(m[6]) <= due then
-        redis.call('HSET', k, 's', 'expired', 'ua', now, 'e', b)
+        redis.call('HSET', k, 's', 'expired', 'ua', now, 'a', spent, 'e', b)
         redis.call('EXPIRE', k, retention)
         if m[8] then emit_event(id, 'expired', now, retention) end
         release_pair(id, pn, m[9], now, retention)
         code = 2
       else
-        redis.call('HSET', k, 's', 'queued', 'ua', now, 'e', b)
+        -- (its attempt ended: the next is under the next fence, lib.lua attempt_of)
+        redis.call('HSET', k, 's', 'queued', 'ua', now, 'a', spent, 'f', fence, 'e', b)
         redis.call('ZADD', key_retry(pn), due, id)
         mark_ready(pn, due)
       end
     else
-      redis.call('HSET', k, 's', 'queued', 'ua', now, 'a', math.max(tonumber(m[7] or '1') - 1, 0))
+      -- its attempt not spent
+      redis.call('HSET', k, 's', 'queued', 'ua', now, 'a', math.max(spent - 1, 0), 'f', fence)
       redis.call('LPUSH', key_lane(pn, list_of(m[4], m[5])), id)
       if kind == 'Q' then
         if b ~= '' then
@@ -230,23 +247,25 @@ local function settle_one(kind, id, fence, a, b)
         redis.call('ZREM', key_ready(), pn)
       end
     end
-    results[#results + 1] = code
+    n_results = n_results + 1
+    results[n_results] = code
   end
 end
 
 -- Of the group's `S` ops with a context (its n ops from ARGV[first]), those whose lease is still
 -- in the lease set, in one read: the op's first ARGV index -> its lease.
 local function leases_standing(first, n)
-  local asked, at = {}, {}
+  local asked, at, n_asked = {}, {}, 0
   for i = first, first + (n - 1) * 5, 5 do
     if ARGV[i] == 'S' and ARGV[i + 4] ~= '' then
-      asked[#asked + 1] = ARGV[i + 1] .. '#' .. ARGV[i + 2]
-      at[#at + 1] = i
+      n_asked = n_asked + 1
+      asked[n_asked] = ARGV[i + 1] .. '#' .. ARGV[i + 2]
+      at[n_asked] = i
     end
   end
   local standing = {}
-  for i = 1, #asked, 500 do
-    local scores = redis.call('ZMSCORE', key_lease(), unpack(asked, i, math.min(i + 499, #asked)))
+  for i = 1, n_asked, 500 do
+    local scores = redis.call('ZMSCORE', key_lease(), unpack(asked, i, math.min(i + 499, n_asked)))
     for j, score in ipairs(scores) do
       if score then standing[at[i + j - 1]] = asked[i + j - 1] end
     end
@@ -258,7 +277,7 @@ local g = 2
 while g <= #ARGV do
   -- the prelude's key functions all read P: point it at this group's shard
   P = KEYS[tonumber(ARGV[g])]
-  numbers, lease_ended, wamids = {}, {}, {}
+  numbers, lease_ended, n_lease_ended, wamids, n_wamids = {}, {}, 0, {}, 0
   local n = tonumber(ARGV[g + 1])
   local standing = leases_standing(g + 2, n)
   local ended = {} -- (the same attempt twice in a group: the second is stale, as it was)
