@@ -173,6 +173,31 @@ async def test_a_message_that_expires_mid_take_lets_the_next_one_go_in_the_same_
     assert sum((await number(store))["queue_depth"].values()) == 0
 
 
+async def test_a_pair_held_from_before_the_rules_were_turned_off_is_let_go_of(
+    store: Store, settings: Settings
+) -> None:
+    """Without the recipient rules a settle does not read a sent message's pair (one EXISTS
+    for the whole call finds none there); one held from while the rules were on is still let
+    go of, and the message parked behind it comes back."""
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    [first, second] = await queue(store, settings, ANA, ANA)
+    [bea] = await queue(store, settings, BEA)
+    [held, other] = (await take(store, budget=3, in_order=True)).items
+    assert (held.id, other.id) == (first, bea)  # Ana's second parked behind her first
+    assert await settle(store, ("Q", held.id, held.fence)) == [1]  # it keeps holding her
+    [again] = (await take(store, in_order=False)).items  # the rules are off now
+    assert again.id == first
+    await store.redis.config_resetstat()
+    assert await settle(store, sent(again, "wamid.A1"), sent(other, "wamid.B1")) == [1, 1]
+    stats = await store.redis.info("commandstats")
+    assert stats["cmdstat_exists"]["calls"] == 2  # (the other: statuses held for the wamids)
+    # it came back holding her pair in turn, which its own settle lets go of
+    [after] = (await take(store, in_order=False)).items
+    assert after.id == second
+    assert await settle(store, sent(after, "wamid.A2")) == [1]
+    assert await store.redis.get(await pair_key(store, first)) is None
+
+
 async def pair_key(store: Store, message_id: str) -> str:
     shard = keys.shard_of(PN, store.shards)
     user = await store.redis.hget(keys.msg(shard, message_id), "t")

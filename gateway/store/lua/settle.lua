@@ -42,6 +42,9 @@ local results, n_results = {}, 0
 -- ids whose lease ended, and the wamids the group's sent messages got (wamid, id, ...); flushed
 -- by `flush_group`.
 local numbers, lease_ended, n_lease_ended, wamids, n_wamids
+-- and the pairs a sent message may hold that its take did not write (id, pn, user, ...): let go
+-- of at the end of the group, after one EXISTS finds whether any of them is there at all
+local unknown_pairs, n_unknown_pairs
 
 -- The number's state in this call: its cfg `status` and `tb` as read once (and kept in step
 -- with this script's own writes to them), ops done (inflight to give back), messages sent.
@@ -70,7 +73,29 @@ local function count_sent(pn, count)
   end
 end
 
+-- Lets go of the pairs in `unknown_pairs`. They are mostly not there: a number drained without
+-- the recipient rules holds none, and its messages' contexts say `f` only because the rules may
+-- have been on when an earlier message of the recipient was taken. One EXISTS over their keys
+-- spares a read per message then (4% of such a settle's server instructions).
+local function release_unknown_pairs()
+  for i = 1, n_unknown_pairs, 300 do
+    local last = math.min(i + 299, n_unknown_pairs)
+    local pks, n_pks = {}, 0
+    for j = i, last, 3 do
+      n_pks = n_pks + 1
+      pks[n_pks] = key_pair(unknown_pairs[j + 1], unknown_pairs[j + 2])
+    end
+    if redis.call('EXISTS', unpack(pks)) > 0 then
+      for j = i, last, 3 do
+        release_pair(unknown_pairs[j], unknown_pairs[j + 1], unknown_pairs[j + 2], now,
+                     retention)
+      end
+    end
+  end
+end
+
 local function flush_group()
+  release_unknown_pairs()
   for pn, n in pairs(numbers) do
     if n.done > 0 then
       local cfg = key_cfg(pn)
@@ -172,6 +197,13 @@ local function sent_quick(id, lease, wamid, context)
     if release == 'q' then
       t = sub(context, last + 1)
       written = id .. ' ' .. t .. ' 0'
+    else
+      -- a pair its take did not write: let go of at the end of the group, if there
+      unknown_pairs[n_unknown_pairs + 1] = id
+      unknown_pairs[n_unknown_pairs + 2] = pn
+      unknown_pairs[n_unknown_pairs + 3] = user
+      n_unknown_pairs = n_unknown_pairs + 3
+      user = nil
     end
   end
   -- (a context is given for a first attempt only)
@@ -278,6 +310,7 @@ while g <= #ARGV do
   -- the prelude's key functions all read P: point it at this group's shard
   P = KEYS[tonumber(ARGV[g])]
   numbers, lease_ended, n_lease_ended, wamids, n_wamids = {}, {}, 0, {}, 0
+  unknown_pairs, n_unknown_pairs = {}, 0
   local n = tonumber(ARGV[g + 1])
   local standing = leases_standing(g + 2, n)
   local ended = {} -- (the same attempt twice in a group: the second is stale, as it was)
