@@ -72,7 +72,7 @@ do
     if type(found) == 'table' and found.err then away[#away + 1] = i end
   end
   if #away > 0 then return redis.error_reply('GWMOVED ' .. table.concat(away, ' ')) end
-  for i = n + 2, #ARGV do rest[#rest + 1] = ARGV[i] end
+  for i = n + 2, #ARGV do rest[i - n - 1] = ARGV[i] end
   KEYS, ARGV = prefixes, rest
 end
 """
