@@ -200,6 +200,8 @@ async def test_a_primary_killed_mid_drain_loses_nothing_and_pauses_no_other_prim
             WORKERS,
             GATEWAY_ACK_DURABILITY="replica",
             GATEWAY_LEASE_SECONDS="3",
+            # (which shards each process drains, and when: what a failure shows, `drained`)
+            GATEWAY_LOG_LEVEL="INFO",
         )
         try:
             await shards_shared_on_cluster(store, WORKERS)

@@ -133,7 +133,7 @@ async def queue(store: Store, pn: str, count: int) -> list[str]:
     return ids
 
 
-LOG_LINES_ON_FAILURE = 40
+LOG_LINES_ON_FAILURE = 60
 
 
 async def drained(store: Store, pns: list[str], within_s: float, *running: Command) -> None:
