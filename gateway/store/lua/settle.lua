@@ -191,20 +191,19 @@ local function sent_quick(id, lease, wamid, context)
   n_lease_ended = n_lease_ended + 1
   lease_ended[n_lease_ended] = lease
   number.done = number.done + 1
+  -- its pair: released here when its take wrote it (`q`), else at the end of the group
   local user, written, t = nil, nil, nil
   if release ~= 'n' then
     local last = find(context, ' ', at + 4, true)
-    user = sub(context, at + 4, last - 1)
+    local recipient = sub(context, at + 4, last - 1)
     if release == 'q' then
-      t = sub(context, last + 1)
+      user, t = recipient, sub(context, last + 1)
       written = id .. ' ' .. t .. ' 0'
     else
-      -- a pair its take did not write: let go of at the end of the group, if there
       unknown_pairs[n_unknown_pairs + 1] = id
       unknown_pairs[n_unknown_pairs + 2] = pn
-      unknown_pairs[n_unknown_pairs + 3] = user
+      unknown_pairs[n_unknown_pairs + 3] = recipient
       n_unknown_pairs = n_unknown_pairs + 3
-      user = nil
     end
   end
   -- (a context is given for a first attempt only)
