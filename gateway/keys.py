@@ -10,7 +10,8 @@ Per shard (`{gw:sN}:` + ...):
     q:<pn>:<list>   LIST  queued message ids. <list> is the lane (h, n, l), with an "m" suffix for
                           marketing messages (hm, nm, lm) so quality red can hold them apart.
     m:<id>          HASH  one message (its fields: the top of `store/lua/lib.lua`).
-    cfg:<pn>        HASH  the phone number: its record and its drain state.
+    cfg:<pn>        HASH  the phone number: its record and its drain state (`ls`: the lane lists
+                          it has queued to, lib.lua LIST_LETTER).
     rl:<pn>         LIST  sliding-window grant times (ms), newest first: the rate's entries and
                           up to a few chunks more (trimmed now and then); its expiry (ms) is
                           kept in cfg `lx`, renewed by take.lua when it runs low.

@@ -1,5 +1,8 @@
-"""What the cheaper `take` and `settle` must still get right (issue 9: fewer Redis calls per
-message).
+"""What the cheaper `push`, `take` and `settle` must still get right (issue 9: fewer Redis calls
+per message).
+
+`push` reads the backlog of only the lane lists its number has queued to (cfg `ls`), which must
+then hold every list with a message on it, also for numbers queued to by the versions before.
 
 `take` reads a number's lanes a run at a time and removes what it took at the end of the
 number's turn; `settle` adds up what its ops owe each number (in flight, sent per second) and
@@ -12,7 +15,10 @@ lets its recipient's next message go.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 from gateway import keys
@@ -361,3 +367,74 @@ async def test_a_lease_written_by_the_versions_before_is_taken_back_and_settled(
     views = [await Messages(store).get(m) for m in (one, two, three)]
     assert [(v["status"], v["attempts"]) for v in views] == [("sent", 1), ("sent", 2), ("sent", 2)]
     assert await store.redis.zcount(lease, "-inf", "(inf") == 0
+
+
+async def accepted(store: Store, settings: Settings, **fields: Any) -> int:
+    message = {"phone_number_id": PN, "to": ANA, "type": "text", "text": {"body": "x"}} | fields
+    result = await Acceptor(store, settings).send_batch({"messages": [message]})
+    return int(result["accepted"])
+
+
+async def lists_in_use(store: Store) -> str | None:
+    value = await store.redis.hget(keys.cfg(keys.shard_of(PN, store.shards), PN), "ls")
+    return None if value is None else value.decode()
+
+
+async def test_a_push_counts_the_backlog_of_every_list_its_number_has_queued_to(
+    store: Store, settings: Settings
+) -> None:
+    # push reads the lengths of the lists in cfg `ls` only: each list a message went to must be
+    # in it, or the backlog limit would not count that list's messages
+    await Registry(store).put(PN, {"throughput_tier": "unlimited", "status": "pending"})
+    small = dataclasses.replace(settings, max_backlog=5)
+    assert await accepted(store, small) == 1
+    assert await lists_in_use(store) == "n"
+    assert await accepted(store, small, priority="high") == 1
+    assert await accepted(store, small, category="marketing") == 1
+    assert await accepted(store, small, priority="low") == 1
+    later = int((time.time() + 3600) * 1000)
+    send_at = datetime.fromtimestamp(later / 1000, timezone.utc).isoformat()
+    assert await accepted(store, small, send_at=send_at, priority="high") == 1
+    assert sorted(await lists_in_use(store) or "") == sorted("nhLlS")
+    # five queued on four lists and the scheduled set: the sixth is refused
+    assert await accepted(store, small) == 0
+    assert await accepted(store, small, category="marketing", priority="high") == 0
+
+
+async def test_a_number_queued_to_by_a_version_before_is_counted_on_every_list(
+    store: Store, settings: Settings
+) -> None:
+    # versions before 0.3.0 wrote no `ls`: while anything of the number may come back to a list
+    # that is empty now (here a retry), every list is counted and no `ls` is written
+    await Registry(store).put(PN, {"throughput_tier": "unlimited", "status": "pending"})
+    shard = keys.shard_of(PN, store.shards)
+    small = dataclasses.replace(settings, max_backlog=2)
+    (first,) = await queue(store, settings, ANA)
+    await store.redis.hdel(keys.cfg(shard, PN), "ls")
+    await store.redis.lrem(keys.lane(shard, PN, "n"), 0, first)
+    await store.redis.zadd(keys.retry(shard, PN), {first: 1})
+    await store.redis.rpush(keys.lane(shard, PN, "hm"), "old-1", "old-2")
+    assert await accepted(store, small) == 0  # "hm" holds two, the retry is not queued
+    await store.redis.delete(keys.lane(shard, PN, "hm"))
+    assert await accepted(store, small) == 1
+    assert await lists_in_use(store) is None
+    # once nothing is out of its lists, what is in them is what it uses
+    await store.redis.delete(keys.retry(shard, PN))
+    assert await accepted(store, small, priority="low") == 1
+    assert sorted(await lists_in_use(store) or "") == sorted("nl")
+    assert await accepted(store, small, priority="low") == 0
+
+
+async def test_a_list_queued_to_by_a_version_before_is_added_when_a_take_meets_it(
+    store: Store, settings: Settings
+) -> None:
+    # going back to a version before 0.3.0 and forward again leaves `ls` without the lists the
+    # older one queued to: the first take from such a list adds it, so push counts it again
+    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
+    shard = keys.shard_of(PN, store.shards)
+    (normal,) = await queue(store, settings, ANA)
+    assert await lists_in_use(store) == "n"
+    (urgent,) = await queue(store, settings, BEA, priority="high")
+    await store.redis.hset(keys.cfg(shard, PN), "ls", "n")  # as if an older push queued it
+    assert [item.id for item in (await take(store)).items] == [urgent, normal]
+    assert sorted(await lists_in_use(store) or "") == sorted("nh")

@@ -164,17 +164,38 @@ local ALL_LISTS = {'h', 'hm', 'n', 'nm', 'l', 'lm'}
 local DEPTH_FIELDS = {'d_h', 'd_hm', 'd_n', 'd_nm', 'd_l', 'd_lm',
                       'p_h', 'p_hm', 'p_n', 'p_nm', 'p_l', 'p_lm'}
 
+-- The lane lists a number has queued to, as cfg `ls` keeps them: a letter per list, and `S`
+-- when it has scheduled a message. Push adds to it (never removes), so a list missing from it is
+-- empty: every message put back on a list (a retry, a requeue, a lapsed lease, a parked or
+-- scheduled message) was pushed to that list first. Push counts a number's depth from these
+-- alone: an LLEN of a list that is not there cost as much as one that is (a `redis.call` each,
+-- six per number per push, most of the accept's cost when a batch spans many numbers).
+local LIST_LETTER = {h = 'h', hm = 'H', n = 'n', nm = 'N', l = 'l', lm = 'L'}
+
+local function uses_list(ls, letter)
+  return string.find(ls, letter, 1, true) ~= nil
+end
+
 -- Queued messages of a number: its lane lists plus its parked messages (`pk:<pn>:<user>`, counted
 -- in cfg p_<list>), minus the dead entries of both (d_<list>). `counts` holds the number's
--- DEPTH_FIELDS (as HMGET returns them).
-local function depth_of(pn, counts)
-  local n = 0
+-- DEPTH_FIELDS (as HMGET returns them); `ls`, the lists to read (cfg `ls`; nil: all six).
+-- Also returns the letters of the lists read that are not empty.
+local function depth_of(pn, counts, ls)
+  local n, found = 0, ''
   for i, list in ipairs(ALL_LISTS) do
-    n = n + redis.call('LLEN', key_lane(pn, list)) - tonumber(counts[i] or '0')
-      + tonumber(counts[i + 6] or '0')
+    local letter = LIST_LETTER[list]
+    if not ls or uses_list(ls, letter) then
+      local length = redis.call('LLEN', key_lane(pn, list))
+      if length > 0 then found = found .. letter end
+      n = n + length
+    end
+    -- (mostly absent: a `tonumber` parses with strtod, dearer than the test)
+    local dead, parked = counts[i], counts[i + 6]
+    if dead then n = n - tonumber(dead) end
+    if parked then n = n + tonumber(parked) end
   end
-  if n < 0 then return 0 end
-  return n
+  if n < 0 then n = 0 end
+  return n, found
 end
 
 -- Puts a number on the ready set no later than `at` (never later than it already is), and

@@ -25,6 +25,12 @@ local max_backlog = tonumber(ARGV[1])
 local scope = ARGV[2]
 local idem_ttl = tonumber(ARGV[3])
 
+-- `ls` with `letter` added, when it is not there yet (lib.lua, LIST_LETTER)
+local function with_list(ls, letter)
+  if uses_list(ls, letter) then return ls end
+  return ls .. letter
+end
+
 local out = {}
 local i = 4
 while i <= #ARGV do
@@ -34,19 +40,36 @@ while i <= #ARGV do
   local count = tonumber(ARGV[i + 2])
   i = i + 3
   local number = redis.call('HMGET', key_cfg(pn), 'status', 'throughput_tier', 'quality_rating',
-                            'nx', unpack(DEPTH_FIELDS))
+                            'nx', 'ls', 'inflight', unpack(DEPTH_FIELDS))
   local status = number[1]
   local code, room = 'ok', 0
+  -- the lists the number uses (lib.lua, LIST_LETTER): as cfg `ls` has them, else (a number
+  -- last queued to by a version before) as found now when that can be known; nil: not known,
+  -- every list is read
+  local ls = number[5] or nil
   if not status then
     code = 'unknown'
   elseif status == 'deleted' then
     code = 'deleted'
   else
     local counts = {}
-    for f = 1, #DEPTH_FIELDS do counts[f] = number[4 + f] end
-    room = max_backlog - depth_of(pn, counts)
-           - redis.call('ZCARD', key_sched(pn))
+    for f = 1, #DEPTH_FIELDS do counts[f] = number[6 + f] end
+    local depth, found = depth_of(pn, counts, ls)
+    local scheduled_count = 0
+    if not ls or uses_list(ls, 'S') then scheduled_count = redis.call('ZCARD', key_sched(pn)) end
+    room = max_backlog - depth - scheduled_count
+    if not ls and scheduled_count == 0 and tonumber(number[6] or '0') <= 0
+        and redis.call('EXISTS', key_retry(pn)) == 0 then
+      -- nothing of the number is out of its lane lists (no lease, retry, scheduled or parked
+      -- message), so nothing will be put back on a list that is empty now
+      local parked = 0
+      for f = 7, 12 do
+        if counts[f] then parked = parked + tonumber(counts[f]) end
+      end
+      if parked <= 0 then ls = found end
+    end
   end
+  local ls_before = number[5]
   local accepted = 0
   local seen = {}
   local by_list = {}
@@ -56,11 +79,13 @@ while i <= #ARGV do
     local id, list, category, payload, recipient = ARGV[i], ARGV[i + 1], ARGV[i + 2],
                                                    ARGV[i + 3], ARGV[i + 4]
     local reference, ttl, idem_key, digest, callback, send_at = '', '', '', '', '', ''
-    local extra = tonumber(ARGV[i + 5])
-    if extra > 0 then
+    -- (`n_extra` is '0' or '6': compared as text, as a `tonumber` parses with strtod)
+    if ARGV[i + 5] == '0' then
+      i = i + 6
+    else
       reference, ttl, idem_key, digest, callback, send_at = unpack(ARGV, i + 6, i + 11)
+      i = i + 12
     end
-    i = i + 6 + extra
     local idem, prev = nil, nil
     if idem_key ~= '' then
       idem = key_idem(scope, idem_key)
@@ -94,6 +119,7 @@ while i <= #ARGV do
         if not seq then seq = redis.call('HINCRBY', key_cfg(pn), 'sq', count) - count end
         local member = string.format('%015.0f', seq + j) .. ':' .. id
         fields[2] = 'scheduled' -- after 's'
+        if ls then ls = with_list(ls, 'S'); ls = with_list(ls, LIST_LETTER[list]) end
         fields[#fields + 1] = 'sk'; fields[#fields + 1] = member
         scheduled[#scheduled + 1] = due
         scheduled[#scheduled + 1] = member
@@ -111,7 +137,9 @@ while i <= #ARGV do
   end
   for list, ids in pairs(by_list) do
     redis.call('RPUSH', key_lane(pn, list), unpack(ids))
+    if ls then ls = with_list(ls, LIST_LETTER[list]) end
   end
+  if ls and ls ~= ls_before then redis.call('HSET', key_cfg(pn), 'ls', ls) end
   if #scheduled > 0 then redis.call('ZADD', key_sched(pn), unpack(scheduled)) end
   if status == 'active' then
     local nx = tonumber(number[4] or '0')

@@ -154,7 +154,8 @@ end
 -- message. Nothing else in the take writes to the number's lanes except `release_pair` (which
 -- may put a parked message back): flush and forget what was read before calling it.
 local function lanes_of(pn, hold_marketing)
-  return {pn = pn, hold = hold_marketing, ahead = {}, count = {}, used = {}, ended = {}}
+  return {pn = pn, hold = hold_marketing, ahead = {}, count = {}, used = {}, ended = {},
+          popped = {}}
 end
 
 -- The head of `list` not yet taken (nil: none), reading `n` more ids when all read are taken.
@@ -196,9 +197,11 @@ local function lanes_pop(r, n)
     if not r.hold then b = lanes_head(r, marketing, n) end
     if a and (not b or a <= b) then
       r.used[lane] = r.used[lane] + 1
+      r.popped[lane] = true
       return a, lane
     elseif b then
       r.used[marketing] = r.used[marketing] + 1
+      r.popped[marketing] = true
       return b, marketing
     end
   end
@@ -306,7 +309,7 @@ local function take_due(ready, lease)
     if budget <= 0 then break end
     local cfg = key_cfg(pn)
     local c = redis.call('HMGET', cfg, 'status', 'quality_rating', 'rate', 'nx', 'throughput_tier',
-                         'access_token', 'lx')
+                         'access_token', 'lx', 'ls')
     local nx = tonumber(c[4] or '0')
     local first_us = base_us + handed * spacing_us
     local first = first_us / 1000
@@ -452,8 +455,10 @@ local function take_due(ready, lease)
             expired = expired + 1
           else
             -- out under the next fence: its lease alone says so (lib.lua, attempt_of)
-            local fence = tonumber(m[3] or '0') + 1
-            local attempts = tonumber(m[4] or '0') + 1
+            -- (a first attempt has neither: a `tonumber` parses with strtod, dearer than the
+            -- test)
+            local fence = m[3] and tonumber(m[3]) + 1 or 1
+            local attempts = m[4] and tonumber(m[4]) + 1 or 1
             local fence_text = count_text(fence)
             leased[n_leased + 1] = lease_at
             -- (a number joined to a string is formatted with sprintf too: its text, made above)
@@ -495,6 +500,15 @@ local function take_due(ready, lease)
       end
 
       lanes_flush(lanes)
+      -- A list the number's cfg `ls` lacks was queued to by a version before it (lib.lua,
+      -- LIST_LETTER; push counts the backlog from those lists only): added once it is met.
+      if c[8] then
+        local ls = c[8]
+        for list in pairs(lanes.popped) do
+          if not uses_list(ls, LIST_LETTER[list]) then ls = ls .. LIST_LETTER[list] end
+        end
+        if ls ~= c[8] then redis.call('HSET', cfg, 'ls', ls) end
+      end
       if granted > 0 then
         budget = budget - granted
         handed = handed + granted
