@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import math
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway import keys
@@ -392,8 +392,7 @@ async def test_a_push_counts_the_backlog_of_every_list_its_number_has_queued_to(
     assert await accepted(store, small, priority="high") == 1
     assert await accepted(store, small, category="marketing") == 1
     assert await accepted(store, small, priority="low") == 1
-    later = int((time.time() + 3600) * 1000)
-    send_at = datetime.fromtimestamp(later / 1000, timezone.utc).isoformat()
+    send_at = datetime.fromtimestamp(time.time() + 3600, UTC).isoformat()
     assert await accepted(store, small, send_at=send_at, priority="high") == 1
     assert sorted(await lists_in_use(store) or "") == sorted("nhLlS")
     # five queued on four lists and the scheduled set: the sixth is refused
