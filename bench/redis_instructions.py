@@ -11,8 +11,12 @@ number; `--messages` queued through the accept code (batches of 1,000), then tak
 128, as `UNLIMITED_CHUNK`) and settled `sent` until none is left, with per-recipient order and
 pair pacing on (the defaults), every message to a recipient of its own (the common case: a
 campaign). `--recipients-per-user 4` sends four to each; `--no-recipient-rules` turns order and
-pacing off. Counted per phase (accept, drain), each ÷ messages; the yardstick, in the same run on
-the same server, is a pipelined `HSET` of four fields to a hash of its own.
+pacing off. `--numbers N` spreads the messages over N `unlimited` numbers, a message to each in
+turn, so that a batch queues to many numbers and a take visits many (what each number costs per
+call, and the shape a sender with many numbers has; `unlimited`, as a rate-limited number's
+grants would depend on the time a take runs at, which under callgrind is not the machine's).
+Counted per phase (accept, drain), each ÷ messages; the yardstick, in the same run on the same
+server, is a pipelined `HSET` of four fields to a hash of its own.
 
 Instruction counts under callgrind are not speeds: they leave out cache misses and the system
 calls' kernel time. They are for comparing the scripts with themselves.
@@ -50,6 +54,7 @@ CALLGRIND_TIMEOUT_S = 60.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", type=int, default=2_000)
     parser.add_argument("--recipients-per-user", type=int, default=1)
+    parser.add_argument("--numbers", type=int, default=1, help="unlimited numbers, in turn")
     parser.add_argument(
         "--no-recipient-rules",
         action="store_true",
@@ -137,8 +142,11 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
     settings = Settings(redis_url=url, shards=SHARDS, max_backlog=10_000_000)
     # (a server under callgrind runs some fifty times slower: a batch outlasts the usual timeout)
     store = Store.from_settings(settings, url, socket_timeout=CALLGRIND_TIMEOUT_S)
-    await Registry(store).put(PN, {"throughput_tier": "unlimited"})
-    shard = keys.shard_of(PN, store.shards)
+    pns = [PN] if args.numbers <= 1 else [f"5558{i:08d}" for i in range(args.numbers)]
+    registry = Registry(store)
+    for pn in pns:
+        await registry.put(pn, {"throughput_tier": "unlimited"})
+    shards = sorted({keys.shard_of(pn, store.shards) for pn in pns})
     for name in NAMES:  # loaded and compiled outside the count
         server.client.script_load(source(name))
     rules = not args.no_recipient_rules
@@ -149,8 +157,13 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
     acceptor = Acceptor(store, settings)
     for start in range(0, len(users), 1000):
         batch = [
-            {"phone_number_id": PN, "to": user, "type": "text", "text": {"body": "x" * 100}}
-            for user in users[start : start + 1000]
+            {
+                "phone_number_id": pns[i % len(pns)],
+                "to": users[i],
+                "type": "text",
+                "text": {"body": "x" * 100},
+            }
+            for i in range(start, min(start + 1000, len(users)))
         ]
         result = await acceptor.send_batch({"messages": batch})
         assert result["accepted"] == len(batch), result
@@ -171,14 +184,19 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
             pair_burst=45,
             recipient_order=rules,
         )
-        taken = parse_take([shard], await store.script("take", shard, take))
+        taken = parse_take(shards, await store.script_on("take", shards, take))
         if not taken.items:
             idle += 1  # (the next of a recipient's messages is back on its lane at once)
             continue
-        ops: list[Any] = [3600, 1, len(taken.items)]
+        by_shard: dict[int, list[Any]] = {}
         for item in taken.items:
-            ops += ["S", item.id, item.fence, f"wamid.{item.id}", item.context]
-        codes = await store.script("settle", shard, ops)
+            by_shard.setdefault(item.shard, []).append(item)
+        ops: list[Any] = [3600]
+        for key_index, items in enumerate(by_shard.values(), start=1):
+            ops += [key_index, len(items)]
+            for item in items:
+                ops += ["S", item.id, item.fence, f"wamid.{item.id}", item.context]
+        codes = await store.script_on("settle", list(by_shard), ops)
         sent += sum(1 for code in codes if int(code) == 1)
     server.dump()
 
@@ -206,6 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "messages": args.messages,
         "sent": sent,
         "recipients_per_user": args.recipients_per_user,
+        "numbers": max(1, args.numbers),
         "recipient_rules": not args.no_recipient_rules,
         "accept_instructions_per_message": round(accept / max(sent, 1)),
         "drain_instructions_per_message": round(drain / max(sent, 1)),

@@ -32,7 +32,8 @@ end
 
 if #dels > 0 then redis.call('HDEL', cfg, unpack(dels)) end
 if #sets > 0 then redis.call('HSET', cfg, unpack(sets)) end
-if not existed then redis.call('HSET', cfg, 'created_at', now) end
+-- (a new number has queued to no lane list yet: lib.lua, LIST_LETTER)
+if not existed then redis.call('HSET', cfg, 'created_at', now, 'ls', '') end
 redis.call('HSET', cfg, 'updated_at', now)
 
 -- The rate before headroom (0 = unlimited): tier, capped for coexistence, capped by max_mps.
