@@ -6,6 +6,7 @@ import dataclasses
 
 from prometheus_client import REGISTRY
 
+from gateway import keys
 from gateway.accept.service import Acceptor
 from gateway.gauges import GaugePublisher
 from gateway.registry import Registry
@@ -74,3 +75,19 @@ async def test_per_number_series_only_behind_the_setting(store: Store, settings:
         sample("gateway_number_rate_limit_messages_per_second", phone_number_id="555200000003")
         == 100
     )
+
+
+async def test_a_number_queued_to_by_a_version_before_is_counted_on_every_list(
+    store: Store, settings: Settings
+) -> None:
+    # gauges.lua reads the lists in the number's cfg `ls` only; one without `ls` (queued to by a
+    # version before 0.3.0) has all six read
+    await _fill(store, settings)
+    shard = keys.shard_of("555200000001", store.shards)
+    await store.redis.hdel(keys.cfg(shard, "555200000001"), "ls")
+    await store.redis.rpush(keys.lane(shard, "555200000001", "nm"), "old-1", "old-2")
+    publisher = GaugePublisher(store, "test-worker")
+    assert await publisher._lead()
+    await publisher.refresh()
+    assert sample("gateway_queue_depth", tier="standard", lane="normal") == 162
+    assert sample("gateway_queue_depth", tier="high", lane="high") == 50

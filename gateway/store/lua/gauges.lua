@@ -34,17 +34,29 @@ while g <= #ARGV do
   for i = g + 2, g + 1 + n do
     local pn = ARGV[i]
     local c = redis.call('HMGET', key_cfg(pn), 'status', 'throughput_tier', 'inflight', 'rate',
-                         unpack(DEPTH_FIELDS))
+                         'ls', unpack(DEPTH_FIELDS))
     local status = statuses[c[1] or 'active'] or 2
     local tier = tier_index[c[2] or 'standard'] or 1
     counts[(status - 1) * n_tiers + tier] = counts[(status - 1) * n_tiers + tier] + 1
-    inflight = inflight + math.max(tonumber(c[3] or '0'), 0)
+    if c[3] then inflight = inflight + math.max(tonumber(c[3]), 0) end
+    -- (a lane's depth: its plain and marketing lists, read only when the number has queued to
+    -- them, lib.lua LIST_LETTER; absent fields are not parsed, a `tonumber` being a strtod)
+    local counted = {}
+    for i, list in ipairs(ALL_LISTS) do
+      local queued = 0
+      if not c[5] or uses_list(c[5], LIST_LETTER[list]) then
+        queued = redis.call('LLEN', key_lane(pn, list))
+      end
+      -- plus parked messages (DEPTH_FIELDS p_*), minus dead entries (d_*)
+      local dead, parked = c[5 + i], c[11 + i]
+      if dead then queued = queued - tonumber(dead) end
+      if parked then queued = queued + tonumber(parked) end
+      counted[i] = queued
+    end
     local waiting = 0
-    for lane_i, lane in ipairs({'h', 'n', 'l'}) do
-      -- lane lists, plus parked messages (DEPTH_FIELDS p_*), minus dead entries (d_*)
-      local queued = redis.call('LLEN', key_lane(pn, lane)) - tonumber(c[4 + lane_i * 2 - 1] or '0')
-        + redis.call('LLEN', key_lane(pn, lane .. 'm')) - tonumber(c[4 + lane_i * 2] or '0')
-        + tonumber(c[10 + lane_i * 2 - 1] or '0') + tonumber(c[10 + lane_i * 2] or '0')
+    for lane_i = 1, 3 do
+      -- (ALL_LISTS has each lane's plain list, then its marketing one)
+      local queued = counted[lane_i * 2 - 1] + counted[lane_i * 2]
       if queued < 0 then queued = 0 end
       local slot = (tier - 1) * 3 + lane_i
       depth[slot] = depth[slot] + queued
