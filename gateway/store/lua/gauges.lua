@@ -42,16 +42,16 @@ while g <= #ARGV do
     -- (a lane's depth: its plain and marketing lists, read only when the number has queued to
     -- them, lib.lua LIST_LETTER; absent fields are not parsed, a `tonumber` being a strtod)
     local counted = {}
-    for i, list in ipairs(ALL_LISTS) do
+    for j, list in ipairs(ALL_LISTS) do
       local queued = 0
       if not c[5] or uses_list(c[5], LIST_LETTER[list]) then
         queued = redis.call('LLEN', key_lane(pn, list))
       end
       -- plus parked messages (DEPTH_FIELDS p_*), minus dead entries (d_*)
-      local dead, parked = c[5 + i], c[11 + i]
+      local dead, parked = c[5 + j], c[11 + j]
       if dead then queued = queued - tonumber(dead) end
       if parked then queued = queued + tonumber(parked) end
-      counted[i] = queued
+      counted[j] = queued
     end
     local waiting = 0
     for lane_i = 1, 3 do
