@@ -197,21 +197,21 @@ local function lanes_pop(r, n)
     if not r.hold then b = lanes_head(r, marketing, n) end
     if a and (not b or a <= b) then
       r.used[lane] = r.used[lane] + 1
-      r.popped[lane] = true
       return a, lane
     elseif b then
       r.used[marketing] = r.used[marketing] + 1
-      r.popped[marketing] = true
       return b, marketing
     end
   end
   return nil, nil
 end
 
--- Removes the ids taken from their lists (what is read and not taken stays known).
+-- Removes the ids taken from their lists (what is read and not taken stays known), and notes
+-- those lists as taken from (`popped`).
 local function lanes_flush(r)
   for list, used in pairs(r.used) do
     if used > 0 then
+      r.popped[list] = true
       redis.call('LTRIM', key_lane(r.pn, list), used, -1)
       local ahead, rest = r.ahead[list], {}
       local count = r.count[list]
