@@ -178,17 +178,23 @@ local function uses_list(ls, letter)
   return string.find(ls, letter, 1, true) ~= nil
 end
 
+-- `ls` with `letter` added, when it is not there yet.
+local function with_list(ls, letter)
+  if uses_list(ls, letter) then return ls end
+  return ls .. letter
+end
+
 -- Queued messages of a number: its lane lists plus its parked messages (`pk:<pn>:<user>`, counted
 -- in cfg p_<list>), minus the dead entries of both (d_<list>). `counts` holds the number's
 -- DEPTH_FIELDS (as HMGET returns them); `ls`, the lists to read (cfg `ls`; nil: all six).
--- Also returns the letters of the lists read that are not empty.
+-- Also returns, when `ls` is nil, the letters of the lists that are not empty ('' otherwise).
 local function depth_of(pn, counts, ls)
   local n, found = 0, ''
   for i, list in ipairs(ALL_LISTS) do
     local letter = LIST_LETTER[list]
     if not ls or uses_list(ls, letter) then
       local length = redis.call('LLEN', key_lane(pn, list))
-      if length > 0 then found = found .. letter end
+      if length > 0 and not ls then found = found .. letter end
       n = n + length
     end
     -- (mostly absent: a `tonumber` parses with strtod, dearer than the test)

@@ -25,12 +25,6 @@ local max_backlog = tonumber(ARGV[1])
 local scope = ARGV[2]
 local idem_ttl = tonumber(ARGV[3])
 
--- `ls` with `letter` added, when it is not there yet (lib.lua, LIST_LETTER)
-local function with_list(ls, letter)
-  if uses_list(ls, letter) then return ls end
-  return ls .. letter
-end
-
 local out = {}
 local i = 4
 while i <= #ARGV do

@@ -505,7 +505,7 @@ local function take_due(ready, lease)
       if c[8] then
         local ls = c[8]
         for list in pairs(lanes.popped) do
-          if not uses_list(ls, LIST_LETTER[list]) then ls = ls .. LIST_LETTER[list] end
+          ls = with_list(ls, LIST_LETTER[list])
         end
         if ls ~= c[8] then redis.call('HSET', cfg, 'ls', ls) end
       end
