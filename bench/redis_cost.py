@@ -19,7 +19,10 @@ pass gives the split (time per call, shares, commands per message), never the he
 
 Commandstats and the slow log measure wall time: a server preempted inside a command counts the
 wait. The headline is CPU time. A plain pipelined `HSET` measured in the same run is the
-yardstick for a slow or fast day (`in_hsets`: a message's cost in simple writes).
+yardstick for a slow or fast day (`in_hsets`: a message's cost in simple writes); so is the floor
+(bench/floor.py: the least Redis work API.md's guarantees ask per message, as plain as it can
+be), run over as many messages before and after the shapes (`in_floors`: a message's cost in
+floors, which a faster or slower machine moves little).
 
 The worker runs with the gateway's defaults, per-recipient order and pair pacing on (a call on
 the message's pair at take and at settle, more when messages park behind it);
@@ -42,6 +45,7 @@ import redis
 
 from bench import stack
 from bench.drain import numbers_of
+from bench.floor import Floor
 from gateway.store.scripts import NAMES, source
 
 TARGET_US = 12.0
@@ -235,6 +239,16 @@ class Server:
         self.client.flushdb()
         return round((after - before) / REFERENCE_HSETS * 1e6, 3)
 
+    def floor_reference(self, messages: int) -> float:
+        """Server CPU µs per message of the floor (bench/floor.py): accept, take and settle."""
+        floor = Floor(self.client)
+        before, _ = self.snapshot()
+        floor.accept(messages)
+        sent = floor.drain()
+        after, _ = self.snapshot()
+        floor.clear()
+        return round((after - before) / max(sent, 1) * 1e6, 2)
+
     def snapshot(self) -> tuple[float, dict[str, Any]]:
         cpu = self.client.info("cpu")
         stats = self.client.info("commandstats")
@@ -380,6 +394,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             inner = server.inner_commands_counted()
             references = [server.hset_reference()]
+            floors = [server.floor_reference(args.messages)]
             runs = [
                 asyncio.run(
                     _shape(
@@ -407,11 +422,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
             # the machine drifts within minutes: the yardstick is taken before and after
             references.append(server.hset_reference())
+            floors.append(server.floor_reference(args.messages))
         finally:
             server.close()
     reference = sum(references) / len(references)
+    floor = sum(floors) / len(floors)
     for r in runs:
         r["in_hsets"] = round(r["server_cpu_us_per_message"] / reference, 1)
+        r["in_floors"] = round(r["server_cpu_us_per_message"] / floor, 2)
     worst = max(r["server_cpu_us_per_message"] for r in runs)
     return {
         "runs": runs,
@@ -421,6 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "scripts_us_per_message": r["scripts_us_per_message"],
                 "ceiling_msg_per_s": r["ceiling_msg_per_s"],
                 "in_hsets": r["in_hsets"],
+                "in_floors": r["in_floors"],
                 "script_commands_per_message": r.get("split", {}).get(
                     "script_commands_per_message"
                 ),
@@ -429,6 +448,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "reference_hset_us": round(reference, 3),
         "reference_hset_us_before_after": references,
+        "floor_us_per_message": round(floor, 2),
+        "floor_us_per_message_before_after": floors,
         "inner_commands_in_commandstats": inner,
         # the machine is shared: other processes' load makes a busy day's figures higher
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -15,8 +15,10 @@ pacing off. `--numbers N` spreads the messages over N `unlimited` numbers, a mes
 turn, so that a batch queues to many numbers and a take visits many (what each number costs per
 call, and the shape a sender with many numbers has; `unlimited`, as a rate-limited number's
 grants would depend on the time a take runs at, which under callgrind is not the machine's).
-Counted per phase (accept, drain), each ÷ messages; the yardstick, in the same run on the same
-server, is a pipelined `HSET` of four fields to a hash of its own.
+Counted per phase (accept, drain), each ÷ messages; the yardsticks, in the same run on the same
+server, are a pipelined `HSET` of four fields to a hash of its own, and the floor (bench/floor.py:
+the least Redis work API.md's guarantees ask per message) over as many messages: `in_floors` is
+the gateway's count over the floor's.
 
 Instruction counts under callgrind are not speeds: they leave out cache misses and the system
 calls' kernel time. They are for comparing the scripts with themselves.
@@ -36,6 +38,7 @@ from typing import Any
 import redis
 
 from bench import stack
+from bench.floor import Floor
 from gateway import keys
 from gateway.accept.service import Acceptor
 from gateway.drain.take import UNLIMITED_CHUNK, parse_take, take_args
@@ -206,6 +209,13 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
         pipe.hset(f"reference:{i}", mapping={"s": "sent", "f": 1, "a": 1, "ua": 1764467000123})
     pipe.execute()
     server.dump()
+
+    floor = Floor(server.client)  # (its scripts loaded outside the count)
+    server.on()
+    floor.accept(args.messages)
+    floor_sent = floor.drain()
+    server.dump()
+    assert floor_sent == args.messages, floor_sent
     await store.close()
     return sent
 
@@ -217,9 +227,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sent = asyncio.run(_drive(server, args))
     finally:
         counts = server.close()
-    accept, drain, reference = counts[:3]
+    accept, drain, reference, floor = counts[:4]
     hset = reference / REFERENCE_HSETS
     per_message = (accept + drain) / max(sent, 1)
+    floor_per_message = floor / args.messages
     return {
         "messages": args.messages,
         "sent": sent,
@@ -231,4 +242,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "instructions_per_message": round(per_message),
         "reference_hset_instructions": round(hset),
         "in_hsets": round(per_message / hset, 1),
+        "floor_instructions_per_message": round(floor_per_message),
+        "in_floors": round(per_message / floor_per_message, 2),
     }
