@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import math
 import os
 import subprocess
 import time
@@ -41,9 +42,17 @@ from bench import stack
 from bench.floor import Floor
 from gateway import keys
 from gateway.accept.service import Acceptor
-from gateway.drain.take import UNLIMITED_CHUNK, parse_take, take_args
+from gateway.drain.take import (
+    MIN_CHUNK,
+    PACE_MS,
+    UNLIMITED_CHUNK,
+    TakeReply,
+    parse_take,
+    take_args,
+)
 from gateway.embedded_redis import bundled_server, find_server
 from gateway.registry import Registry
+from gateway.registry.model import TIER_RATES
 from gateway.settings import Settings
 from gateway.store.connection import Store
 from gateway.store.scripts import NAMES, source
@@ -52,12 +61,19 @@ PN = "555000000001"
 SHARDS = 64
 REFERENCE_HSETS = 2_000
 CALLGRIND_TIMEOUT_S = 60.0
+LEASE_MS = 600_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", type=int, default=2_000)
     parser.add_argument("--recipients-per-user", type=int, default=1)
-    parser.add_argument("--numbers", type=int, default=1, help="unlimited numbers, in turn")
+    parser.add_argument("--numbers", type=int, default=1, help="numbers, a message to each in turn")
+    parser.add_argument(
+        "--tier",
+        choices=tuple(TIER_RATES),
+        default="unlimited",
+        help="the numbers' tier; a rate-limited one is taken as a worker takes it, when due",
+    )
     parser.add_argument(
         "--no-recipient-rules",
         action="store_true",
@@ -128,6 +144,9 @@ class Counted:
     def on(self) -> None:
         self._control("--instr=on")
 
+    def off(self) -> None:
+        self._control("--instr=off")
+
     def dump(self) -> None:
         """End a phase: its count is written, and counting stops until `on()`."""
         self._control("--instr=off")
@@ -140,6 +159,33 @@ class Counted:
         return totals_of(glob.glob(self.out + ".*"))
 
 
+def _late_s(tier: str) -> float:
+    """How late after a rate-limited number is due the bench takes it again (0: unlimited).
+
+    A take grants such a number a chunk (take.lua), and up to a second one when it is taken a
+    chunk's time late or more, as a busy worker is; taken that late every time, it gets two
+    every time, whatever callgrind's slowness makes of the timing: a count that repeats.
+    """
+    limit = TIER_RATES[tier]
+    if limit == 0:
+        return 0.0
+    chunk = min(limit, max(MIN_CHUNK, math.ceil(limit * PACE_MS / 1000)))
+    return 2 * chunk / limit
+
+
+async def _until_due(server: Counted, taken: TakeReply, late_s: float) -> None:
+    """Waits, not counting, until the shards just taken from are due again, and `late_s` more.
+
+    (A shard with no number ready is due when its first lease runs out, minutes ahead: such a
+    time is not waited for.)
+    """
+    ahead_ms = [due - taken.now_ms for due in taken.next_due_ms.values() if due >= 0]
+    wait_ms = max((ms for ms in ahead_ms if ms < LEASE_MS / 2), default=0.0)
+    server.off()
+    await asyncio.sleep(max(wait_ms, 0) / 1000 + late_s)
+    server.on()
+
+
 async def _drive(server: Counted, args: argparse.Namespace) -> int:
     url = f"redis://127.0.0.1:{server.port}/0"
     settings = Settings(redis_url=url, shards=SHARDS, max_backlog=10_000_000)
@@ -148,7 +194,7 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
     pns = [PN] if args.numbers <= 1 else [f"5558{i:08d}" for i in range(args.numbers)]
     registry = Registry(store)
     for pn in pns:
-        await registry.put(pn, {"throughput_tier": "unlimited"})
+        await registry.put(pn, {"throughput_tier": args.tier})
     shards = sorted({keys.shard_of(pn, store.shards) for pn in pns})
     for name in NAMES:  # loaded and compiled outside the count
         server.client.script_load(source(name))
@@ -172,13 +218,14 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
         assert result["accepted"] == len(batch), result
     server.dump()
 
+    late_s = _late_s(args.tier)
     server.on()
     sent = idle = 0
     while sent < args.messages and idle < 100:
         take = take_args(
             1015.0,
             budget=UNLIMITED_CHUNK,
-            lease_ms=600_000,
+            lease_ms=LEASE_MS,
             headroom=0.0,
             retention_s=3600,
             start_us=0,
@@ -190,6 +237,8 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
         taken = parse_take(shards, await store.script_on("take", shards, take))
         if not taken.items:
             idle += 1  # (the next of a recipient's messages is back on its lane at once)
+            if late_s:
+                await _until_due(server, taken, late_s)
             continue
         by_shard: dict[int, list[Any]] = {}
         for item in taken.items:
@@ -201,6 +250,8 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
                 ops += ["S", item.id, item.fence, f"wamid.{item.id}", item.context]
         codes = await store.script_on("settle", list(by_shard), ops)
         sent += sum(1 for code in codes if int(code) == 1)
+        if late_s:
+            await _until_due(server, taken, late_s)
     server.dump()
 
     server.on()
@@ -236,6 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sent": sent,
         "recipients_per_user": args.recipients_per_user,
         "numbers": max(1, args.numbers),
+        "tier": args.tier,
         "recipient_rules": not args.no_recipient_rules,
         "accept_instructions_per_message": round(accept / max(sent, 1)),
         "drain_instructions_per_message": round(drain / max(sent, 1)),
