@@ -46,7 +46,6 @@ from gateway.drain.take import (
     MIN_CHUNK,
     PACE_MS,
     UNLIMITED_CHUNK,
-    TakeReply,
     parse_take,
     take_args,
 )
@@ -164,7 +163,8 @@ def _late_s(tier: str) -> float:
 
     A take grants such a number a chunk (take.lua), and up to a second one when it is taken a
     chunk's time late or more, as a busy worker is; taken that late every time, it gets two
-    every time, whatever callgrind's slowness makes of the timing: a count that repeats.
+    every time, whatever callgrind's slowness makes of the timing: a count that repeats. (The
+    same lateness for an unlimited number would be none: it is due again at once.)
     """
     limit = TIER_RATES[tier]
     if limit == 0:
@@ -173,16 +173,9 @@ def _late_s(tier: str) -> float:
     return 2 * chunk / limit
 
 
-async def _until_due(server: Counted, taken: TakeReply, late_s: float) -> None:
-    """Waits, not counting, until the shards just taken from are due again, and `late_s` more.
-
-    (A shard with no number ready is due when its first lease runs out, minutes ahead: such a
-    time is not waited for.)
-    """
-    ahead_ms = [due - taken.now_ms for due in taken.next_due_ms.values() if due >= 0]
-    wait_ms = max((ms for ms in ahead_ms if ms < LEASE_MS / 2), default=0.0)
+async def _uncounted_sleep(server: Counted, seconds: float) -> None:
     server.off()
-    await asyncio.sleep(max(wait_ms, 0) / 1000 + late_s)
+    await asyncio.sleep(max(seconds, 0.0))
     server.on()
 
 
@@ -219,9 +212,22 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
     server.dump()
 
     late_s = _late_s(args.tier)
+    # as a worker: a take covers the shards due (by their next due time, the server's clock)
+    due_ms = dict.fromkeys(shards, 0.0)
     server.on()
     sent = idle = 0
     while sent < args.messages and idle < 100:
+        now_ms = time.time() * 1000
+        due = [shard for shard in shards if due_ms[shard] <= now_ms]
+        if not due:
+            soonest = min(due_ms.values())
+            if soonest == math.inf:
+                # nothing known due, messages left: those a settle put back (a worker hears of
+                # them by a wake token)
+                due_ms = dict.fromkeys(shards, 0.0)
+            else:
+                await _uncounted_sleep(server, (soonest - now_ms) / 1000 + late_s)
+            continue
         take = take_args(
             1015.0,
             budget=UNLIMITED_CHUNK,
@@ -234,11 +240,13 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
             pair_burst=45,
             recipient_order=rules,
         )
-        taken = parse_take(shards, await store.script_on("take", shards, take))
+        taken = parse_take(due, await store.script_on("take", due, take))
+        for shard, at_ms in taken.next_due_ms.items():
+            # (a shard with no number ready is due when its first lease runs out: not waited for)
+            waiting = at_ms < 0 or at_ms > taken.now_ms + LEASE_MS / 2
+            due_ms[shard] = math.inf if waiting else at_ms
         if not taken.items:
-            idle += 1  # (the next of a recipient's messages is back on its lane at once)
-            if late_s:
-                await _until_due(server, taken, late_s)
+            idle += 1
             continue
         by_shard: dict[int, list[Any]] = {}
         for item in taken.items:
@@ -250,8 +258,6 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
                 ops += ["S", item.id, item.fence, f"wamid.{item.id}", item.context]
         codes = await store.script_on("settle", list(by_shard), ops)
         sent += sum(1 for code in codes if int(code) == 1)
-        if late_s:
-            await _until_due(server, taken, late_s)
     server.dump()
 
     server.on()
