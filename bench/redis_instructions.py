@@ -8,13 +8,14 @@ recommends): the comparison to make before and after a change to the scripts.
 
 The work is the gateway's own code driven as a worker drives it, without timing: one `unlimited`
 number; `--messages` queued through the accept code (batches of 1,000), then taken (budgets of
-128, as `UNLIMITED_CHUNK`) and settled `sent` until none is left, with per-recipient order and
-pair pacing on (the defaults), every message to a recipient of its own (the common case: a
-campaign). `--recipients-per-user 4` sends four to each; `--no-recipient-rules` turns order and
-pacing off. `--numbers N` spreads the messages over N `unlimited` numbers, a message to each in
-turn, so that a batch queues to many numbers and a take visits many (what each number costs per
-call, and the shape a sender with many numbers has; `unlimited`, as a rate-limited number's
-grants would depend on the time a take runs at, which under callgrind is not the machine's).
+128, as `UNLIMITED_CHUNK`, each take over the shards that are due) and settled `sent` until none
+is left, with per-recipient order and pair pacing on (the defaults), every message to a recipient
+of its own (the common case: a campaign). `--recipients-per-user 4` sends four to each;
+`--no-recipient-rules` turns order and pacing off. `--numbers N` spreads the messages over N
+numbers, a message to each in turn, so that a batch queues to many numbers and a take visits many
+(what each number costs per call, and the shape a sender with many numbers has). `--tier T`
+makes them rate-limited: each is taken again a chunk's time after it is due (`_late_s`), so its
+grants per visit do not depend on callgrind's slowness.
 Counted per phase (accept, drain), each ÷ messages; the yardsticks, in the same run on the same
 server, are a pipelined `HSET` of four fields to a hash of its own, and the floor (bench/floor.py:
 the least Redis work API.md's guarantees ask per message) over as many messages: `in_floors` is
@@ -174,6 +175,7 @@ def _late_s(tier: str) -> float:
 
 
 async def _uncounted_sleep(server: Counted, seconds: float) -> None:
+    """Waits with the count off: the server's idle timers are not the scripts' cost."""
     server.off()
     await asyncio.sleep(max(seconds, 0.0))
     server.on()

@@ -471,7 +471,8 @@ async def test_a_take_whose_budget_runs_out_leaves_the_shards_after_it_due_witho
 
     first = parse_take(shards, await store.script_on("take", shards, args(1)))
     assert [item.phone_number_id for item in first.items] == [PN]
-    # the second shard was not served: it is still due, now, and its message still queued
+    # the second shard was not served: it is still due, now, and a take that serves it hands
+    # its message out
     assert first.next_due_ms[shards[1]] == first.now_ms
     second = parse_take(shards[1:], await store.script_on("take", shards[1:], args(1)))
     assert [item.phone_number_id for item in second.items] == [other]

@@ -617,12 +617,13 @@ local function next_due(ready, lease, first_lease)
   return at
 end
 
--- Once a take's budget has run out, the shards after it are not served at all: they were due
--- and still are (answered due now), and the worker's next take serves them first or among the
--- first (it orders each take's shards anew). Reading their lapsed leases and due times cost three
--- calls per shard per take for nothing: with many numbers due at once, most of a take's shards
--- (a take of 128 over 100 `standard` numbers served 8 of 64 due shards; `bench
--- redis-instructions --tier standard`). A take asked for nothing serves every shard as before:
+-- Once a take's budget has run out, the shards after it are not read at all: they were due and
+-- still are (answered due now), and the worker passes them again in its next take, in a new
+-- order (at random), so each is served soon; its lapsed leases are taken back then. Reading their
+-- lapsed leases and due times cost two or three calls per shard per take for nothing, and with
+-- many numbers due at once the budget runs out in the first few: over 1,000 mixed numbers a real
+-- worker's take granted ~35 messages and passed ~50 due shards, and the take's calls per message
+-- fell from 8.4 to 5.7 (`bench redis-cost`). A take asked for nothing reads every shard as before:
 -- it is how a worker learns when they are due.
 local serve_all = budget <= 0
 local now_text = ms(now)
