@@ -15,7 +15,9 @@ of its own (the common case: a campaign). `--recipients-per-user 4` sends four t
 numbers, a message to each in turn, so that a batch queues to many numbers and a take visits many
 (what each number costs per call, and the shape a sender with many numbers has). `--tier T`
 makes them rate-limited: each is taken again a chunk's time after it is due (`_late_s`), so its
-grants per visit do not depend on callgrind's slowness.
+grants per visit do not depend on callgrind's slowness. `--settle-batch N` settles in calls of N,
+as a worker does when its sends finish a few at a time. What a call costs before any work is
+counted too: a script that returns at once, and a settle with nothing to record.
 Counted per phase (accept, drain), each ÷ messages; the yardsticks, in the same run on the same
 server, are a pipelined `HSET` of four fields to a hash of its own, and the floor (bench/floor.py:
 the least Redis work API.md's guarantees ask per message) over as many messages: `in_floors` is
@@ -62,6 +64,7 @@ SHARDS = 64
 REFERENCE_HSETS = 2_000
 CALLGRIND_TIMEOUT_S = 60.0
 LEASE_MS = 600_000
+EMPTY_CALLS = 500
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(TIER_RATES),
         default="unlimited",
         help="the numbers' tier; a rate-limited one is taken as a worker takes it, when due",
+    )
+    parser.add_argument(
+        "--settle-batch",
+        type=int,
+        default=0,
+        help="settle in calls of at most this many messages (0: a call per take), as a worker "
+        "draining rate-limited numbers does (13 per call over 10 high numbers, bench redis-cost)",
     )
     parser.add_argument(
         "--no-recipient-rules",
@@ -181,6 +191,33 @@ async def _uncounted_sleep(server: Counted, seconds: float) -> None:
     server.on()
 
 
+async def _settle_sent(store: Store, items: list[Any]) -> int:
+    """One settle call recording `items` sent, as a worker makes it; how many it recorded."""
+    by_shard: dict[int, list[Any]] = {}
+    for item in items:
+        by_shard.setdefault(item.shard, []).append(item)
+    ops: list[Any] = [3600]
+    for key_index, group in enumerate(by_shard.values(), start=1):
+        ops += [key_index, len(group)]
+        for item in group:
+            ops += ["S", item.id, item.fence, f"wamid.{item.id}", item.context]
+    codes = await store.script_on("settle", list(by_shard), ops)
+    return sum(1 for code in codes if int(code) == 1)
+
+
+def _empty_calls(server: Counted) -> None:
+    """What a call costs before any work: a script that returns at once, then a settle with
+    nothing to record (the gateway's scripts run their shared prelude at every call), each
+    `EMPTY_CALLS` times, a count each."""
+    trivial = server.client.script_load("return 1")
+    settle = server.client.script_load(source("settle"))
+    for sha, args in ((trivial, [0]), (settle, [1, "gw:{0}:", 3600])):
+        server.on()
+        for _ in range(EMPTY_CALLS):
+            server.client.evalsha(sha, *args)
+        server.dump()
+
+
 async def _drive(server: Counted, args: argparse.Namespace) -> int:
     url = f"redis://127.0.0.1:{server.port}/0"
     settings = Settings(redis_url=url, shards=SHARDS, max_backlog=10_000_000)
@@ -250,16 +287,9 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
         if not taken.items:
             idle += 1
             continue
-        by_shard: dict[int, list[Any]] = {}
-        for item in taken.items:
-            by_shard.setdefault(item.shard, []).append(item)
-        ops: list[Any] = [3600]
-        for key_index, items in enumerate(by_shard.values(), start=1):
-            ops += [key_index, len(items)]
-            for item in items:
-                ops += ["S", item.id, item.fence, f"wamid.{item.id}", item.context]
-        codes = await store.script_on("settle", list(by_shard), ops)
-        sent += sum(1 for code in codes if int(code) == 1)
+        size = args.settle_batch or len(taken.items)
+        for start in range(0, len(taken.items), size):
+            sent += await _settle_sent(store, taken.items[start : start + size])
     server.dump()
 
     server.on()
@@ -275,6 +305,7 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
     floor_sent = floor.drain()
     server.dump()
     assert floor_sent == args.messages, floor_sent
+    _empty_calls(server)
     await store.close()
     return sent
 
@@ -286,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sent = asyncio.run(_drive(server, args))
     finally:
         counts = server.close()
-    accept, drain, reference, floor = counts[:4]
+    accept, drain, reference, floor, trivial, empty_settle = counts[:6]
     hset = reference / REFERENCE_HSETS
     per_message = (accept + drain) / max(sent, 1)
     floor_per_message = floor / args.messages
@@ -304,4 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "in_hsets": round(per_message / hset, 1),
         "floor_instructions_per_message": round(floor_per_message),
         "in_floors": round(per_message / floor_per_message, 2),
+        "settle_batch": args.settle_batch,
+        "trivial_script_instructions_per_call": round(trivial / EMPTY_CALLS),
+        "empty_settle_instructions_per_call": round(empty_settle / EMPTY_CALLS),
     }
