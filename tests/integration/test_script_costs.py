@@ -35,11 +35,10 @@ ANA = "5491140000001"
 BEA = "5491140000002"
 
 
-async def take(
-    store: Store, budget: int = 100, in_order: bool = False, pair_interval_ms: float = 0.0
-) -> TakeReply:
-    shard = keys.shard_of(PN, store.shards)
-    args = take_args(
+def args_of_take(
+    budget: int = 100, in_order: bool = False, pair_interval_ms: float = 0.0
+) -> list[Any]:
+    return take_args(
         1010.0,
         budget=budget,
         lease_ms=30_000,
@@ -51,6 +50,13 @@ async def take(
         pair_burst=45,
         recipient_order=in_order,
     )
+
+
+async def take(
+    store: Store, budget: int = 100, in_order: bool = False, pair_interval_ms: float = 0.0
+) -> TakeReply:
+    shard = keys.shard_of(PN, store.shards)
+    args = args_of_take(budget, in_order, pair_interval_ms)
     return parse_take([shard], await store.script("take", shard, args))
 
 
@@ -458,26 +464,15 @@ async def test_a_take_whose_budget_runs_out_leaves_the_shards_after_it_due_witho
             }
         )
 
-    def args(budget: int) -> list[Any]:
-        return take_args(
-            1010.0,
-            budget=budget,
-            lease_ms=30_000,
-            headroom=0.0,
-            retention_s=3600,
-            start_us=0,
-            spacing_us=100,
-        )
-
-    first = parse_take(shards, await store.script_on("take", shards, args(1)))
+    first = parse_take(shards, await store.script_on("take", shards, args_of_take(1)))
     assert [item.phone_number_id for item in first.items] == [PN]
     # the second shard was not served: it is still due, now, and a take that serves it hands
     # its message out
     assert first.next_due_ms[shards[1]] == first.now_ms
-    second = parse_take(shards[1:], await store.script_on("take", shards[1:], args(1)))
+    second = parse_take(shards[1:], await store.script_on("take", shards[1:], args_of_take(1)))
     assert [item.phone_number_id for item in second.items] == [other]
     # a take asked for nothing serves every shard: each is due when its lease runs out
-    none = parse_take(shards, await store.script_on("take", shards, args(0)))
+    none = parse_take(shards, await store.script_on("take", shards, args_of_take(0)))
     assert none.items == []
     for shard in shards:
         assert none.now_ms < none.next_due_ms[shard] <= none.now_ms + 30_001
