@@ -35,10 +35,11 @@ ANA = "5491140000001"
 BEA = "5491140000002"
 
 
-def args_of_take(
-    budget: int = 100, in_order: bool = False, pair_interval_ms: float = 0.0
-) -> list[Any]:
-    return take_args(
+async def take(
+    store: Store, budget: int = 100, in_order: bool = False, pair_interval_ms: float = 0.0
+) -> TakeReply:
+    shard = keys.shard_of(PN, store.shards)
+    args = take_args(
         1010.0,
         budget=budget,
         lease_ms=30_000,
@@ -50,13 +51,6 @@ def args_of_take(
         pair_burst=45,
         recipient_order=in_order,
     )
-
-
-async def take(
-    store: Store, budget: int = 100, in_order: bool = False, pair_interval_ms: float = 0.0
-) -> TakeReply:
-    shard = keys.shard_of(PN, store.shards)
-    args = args_of_take(budget, in_order, pair_interval_ms)
     return parse_take([shard], await store.script("take", shard, args))
 
 
@@ -443,36 +437,3 @@ async def test_a_list_queued_to_by_a_version_before_is_added_when_a_take_meets_i
     await store.redis.hset(keys.cfg(shard, PN), "ls", "n")  # as if an older push queued it
     assert [item.id for item in (await take(store)).items] == [urgent, normal]
     assert sorted(await lists_in_use(store) or "") == sorted("nh")
-
-
-async def test_a_take_whose_budget_runs_out_leaves_the_shards_after_it_due_without_reading_them(
-    store: Store, settings: Settings
-) -> None:
-    other = next(
-        pn
-        for pn in (f"5551234{i:05d}" for i in range(1000))
-        if keys.shard_of(pn, store.shards) != keys.shard_of(PN, store.shards)
-    )
-    shards = [keys.shard_of(pn, store.shards) for pn in (PN, other)]
-    for pn in (PN, other):
-        await Registry(store).put(pn, {"throughput_tier": "unlimited"})
-        await Acceptor(store, settings).send_batch(
-            {
-                "messages": [
-                    {"phone_number_id": pn, "to": ANA, "type": "text", "text": {"body": "m"}}
-                ]
-            }
-        )
-
-    first = parse_take(shards, await store.script_on("take", shards, args_of_take(1)))
-    assert [item.phone_number_id for item in first.items] == [PN]
-    # the second shard was not served: it is still due, now, and a take that serves it hands
-    # its message out
-    assert first.next_due_ms[shards[1]] == first.now_ms
-    second = parse_take(shards[1:], await store.script_on("take", shards[1:], args_of_take(1)))
-    assert [item.phone_number_id for item in second.items] == [other]
-    # a take asked for nothing serves every shard: each is due when its lease runs out
-    none = parse_take(shards, await store.script_on("take", shards, args_of_take(0)))
-    assert none.items == []
-    for shard in shards:
-        assert none.now_ms < none.next_due_ms[shard] <= none.now_ms + 30_001
