@@ -49,6 +49,7 @@ from gateway.drain.take import (
     MIN_CHUNK,
     PACE_MS,
     UNLIMITED_CHUNK,
+    Taken,
     parse_take,
     take_args,
 )
@@ -191,9 +192,9 @@ async def _uncounted_sleep(server: Counted, seconds: float) -> None:
     server.on()
 
 
-async def _settle_sent(store: Store, items: list[Any]) -> int:
+async def _settle_sent(store: Store, items: list[Taken]) -> int:
     """One settle call recording `items` sent, as a worker makes it; how many it recorded."""
-    by_shard: dict[int, list[Any]] = {}
+    by_shard: dict[int, list[Taken]] = {}
     for item in items:
         by_shard.setdefault(item.shard, []).append(item)
     ops: list[Any] = [3600]
@@ -205,17 +206,61 @@ async def _settle_sent(store: Store, items: list[Any]) -> int:
     return sum(1 for code in codes if int(code) == 1)
 
 
-def _empty_calls(server: Counted) -> None:
+def _empty_calls(server: Counted, settle_sha: str) -> None:
     """What a call costs before any work: a script that returns at once, then a settle with
     nothing to record (the gateway's scripts run their shared prelude at every call), each
     `EMPTY_CALLS` times, a count each."""
     trivial = server.client.script_load("return 1")
-    settle = server.client.script_load(source("settle"))
-    for sha, args in ((trivial, [0]), (settle, [1, "gw:{0}:", 3600])):
+    for sha, args in ((trivial, [0]), (settle_sha, [1, "gw:{0}:", 3600])):
         server.on()
         for _ in range(EMPTY_CALLS):
             server.client.evalsha(sha, *args)
         server.dump()
+
+
+async def _drain(server: Counted, store: Store, shards: list[int], args: argparse.Namespace) -> int:
+    """Takes and settles until every message is sent, as a worker does; how many were sent."""
+    rules = not args.no_recipient_rules
+    take = take_args(
+        1015.0,
+        budget=UNLIMITED_CHUNK,
+        lease_ms=LEASE_MS,
+        headroom=0.0,
+        retention_s=3600,
+        start_us=0,
+        spacing_us=10,
+        pair_interval_ms=6000.0 if rules else 0.0,
+        pair_burst=45,
+        recipient_order=rules,
+    )
+    late_s = _late_s(args.tier)
+    # as a worker: a take covers the shards due (by their next due time, the server's clock)
+    due_ms = dict.fromkeys(shards, 0.0)
+    sent = idle = 0
+    while sent < args.messages and idle < 100:
+        now_ms = time.time() * 1000
+        due = [shard for shard in shards if due_ms[shard] <= now_ms]
+        if not due:
+            soonest = min(due_ms.values())
+            if soonest == math.inf:
+                # nothing known due, messages left: those a settle put back (a worker hears of
+                # them by a wake token)
+                due_ms = dict.fromkeys(shards, 0.0)
+            else:
+                await _uncounted_sleep(server, (soonest - now_ms) / 1000 + late_s)
+            continue
+        taken = parse_take(due, await store.script_on("take", due, take))
+        for shard, at_ms in taken.next_due_ms.items():
+            # (a shard with no number ready is due when its first lease runs out: not waited for)
+            waiting = at_ms < 0 or at_ms > taken.now_ms + LEASE_MS / 2
+            due_ms[shard] = math.inf if waiting else at_ms
+        if not taken.items:
+            idle += 1
+            continue
+        size = args.settle_batch or len(taken.items)
+        for start in range(0, len(taken.items), size):
+            sent += await _settle_sent(store, taken.items[start : start + size])
+    return sent
 
 
 async def _drive(server: Counted, args: argparse.Namespace) -> int:
@@ -228,9 +273,8 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
     for pn in pns:
         await registry.put(pn, {"throughput_tier": args.tier})
     shards = sorted({keys.shard_of(pn, store.shards) for pn in pns})
-    for name in NAMES:  # loaded and compiled outside the count
-        server.client.script_load(source(name))
-    rules = not args.no_recipient_rules
+    # loaded and compiled outside the count
+    shas = {name: server.client.script_load(source(name)) for name in NAMES}
     per_user = max(1, args.recipients_per_user)
     users = [f"5491140{i // per_user:06d}" for i in range(args.messages)]
 
@@ -250,46 +294,8 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
         assert result["accepted"] == len(batch), result
     server.dump()
 
-    late_s = _late_s(args.tier)
-    # as a worker: a take covers the shards due (by their next due time, the server's clock)
-    due_ms = dict.fromkeys(shards, 0.0)
     server.on()
-    sent = idle = 0
-    while sent < args.messages and idle < 100:
-        now_ms = time.time() * 1000
-        due = [shard for shard in shards if due_ms[shard] <= now_ms]
-        if not due:
-            soonest = min(due_ms.values())
-            if soonest == math.inf:
-                # nothing known due, messages left: those a settle put back (a worker hears of
-                # them by a wake token)
-                due_ms = dict.fromkeys(shards, 0.0)
-            else:
-                await _uncounted_sleep(server, (soonest - now_ms) / 1000 + late_s)
-            continue
-        take = take_args(
-            1015.0,
-            budget=UNLIMITED_CHUNK,
-            lease_ms=LEASE_MS,
-            headroom=0.0,
-            retention_s=3600,
-            start_us=0,
-            spacing_us=10,
-            pair_interval_ms=6000.0 if rules else 0.0,
-            pair_burst=45,
-            recipient_order=rules,
-        )
-        taken = parse_take(due, await store.script_on("take", due, take))
-        for shard, at_ms in taken.next_due_ms.items():
-            # (a shard with no number ready is due when its first lease runs out: not waited for)
-            waiting = at_ms < 0 or at_ms > taken.now_ms + LEASE_MS / 2
-            due_ms[shard] = math.inf if waiting else at_ms
-        if not taken.items:
-            idle += 1
-            continue
-        size = args.settle_batch or len(taken.items)
-        for start in range(0, len(taken.items), size):
-            sent += await _settle_sent(store, taken.items[start : start + size])
+    sent = await _drain(server, store, shards, args)
     server.dump()
 
     server.on()
@@ -305,7 +311,7 @@ async def _drive(server: Counted, args: argparse.Namespace) -> int:
     floor_sent = floor.drain()
     server.dump()
     assert floor_sent == args.messages, floor_sent
-    _empty_calls(server)
+    _empty_calls(server, shas["settle"])
     await store.close()
     return sent
 

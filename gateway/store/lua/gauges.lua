@@ -25,6 +25,8 @@ for i = 1, 3 * n_tiers do depth[i] = 0 end
 for i = 1, n_tiers do capacity[i] = 0; eta[i] = 0 end
 local inflight = 0
 local rows = {}
+-- a number's depth per list (ALL_LISTS order), written in full for each number
+local counted = {}
 
 local g = 4
 while g <= #ARGV do
@@ -41,7 +43,6 @@ while g <= #ARGV do
     if c[3] then inflight = inflight + math.max(tonumber(c[3]), 0) end
     -- (a lane's depth: its plain and marketing lists, read only when the number has queued to
     -- them, lib.lua LIST_LETTER; absent fields are not parsed, a `tonumber` being a strtod)
-    local counted = {}
     for j, list in ipairs(ALL_LISTS) do
       local queued = 0
       if not c[5] or uses_list(c[5], LIST_LETTER[list]) then
